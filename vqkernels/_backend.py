@@ -1,0 +1,204 @@
+"""Which kernel runs: one module owns that choice.
+
+Every op registers, for each backend (``torch``, ``cpu``, ``triton``, ``cuda``), a function that
+returns the reasons that backend cannot take a given input (an empty list: it can). The choice
+depends only on devices, dtypes, shapes, what was built and the override -- never on tensor values,
+so a compiled graph stays valid.
+
+The override, strongest first: the ``backend=`` argument of the functional API, the innermost
+``use_backend(...)`` context, the ``VQKERNELS_BACKEND`` environment variable, else ``"auto"``.
+``auto`` takes the first capable backend in the device's priority order. A named backend that cannot
+take the input raises :class:`BackendNotSupported` listing its reasons: never a silent fallback.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import os
+from typing import Callable, Iterator
+
+import torch
+
+BACKENDS = ("torch", "cpu", "triton", "cuda")
+
+# Fastest first, per device type. On CUDA the hand-written CUDA C++ kernel goes before Triton.
+PRIORITY = {
+    "cuda": ("cuda", "triton", "torch"),
+    "cpu": ("cpu", "triton", "torch"),  # triton only runs on CPU tensors under TRITON_INTERPRET=1
+}
+DEFAULT_PRIORITY = ("torch",)
+
+ReasonsFn = Callable[..., list]
+_REGISTRY: dict[str, dict[str, ReasonsFn]] = {}
+_OVERRIDE: contextvars.ContextVar[str | None] = contextvars.ContextVar("vqkernels_backend", default=None)
+
+
+class BackendNotSupported(RuntimeError):
+    """A requested backend (or every backend, for ``auto``) cannot take the input."""
+
+
+def register(op: str, backend: str) -> Callable[[ReasonsFn], ReasonsFn]:
+    """Decorator: ``fn(*args, **kwargs) -> list[str]`` gives the reasons ``backend`` cannot run ``op``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+    def deco(fn: ReasonsFn) -> ReasonsFn:
+        _REGISTRY.setdefault(op, {})[backend] = fn
+        return fn
+
+    return deco
+
+
+def _check_name(name: str, what: str) -> str:
+    name = name.strip().lower()
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"{what} must be 'auto' or one of {BACKENDS}, got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run every op in the block on ``name`` (or ``"auto"``), unless a call names its own ``backend=``."""
+    token = _OVERRIDE.set(_check_name(name, "use_backend(name)"))
+    try:
+        yield
+    finally:
+        _OVERRIDE.reset(token)
+
+
+def requested_backend(backend: str | None = None) -> str:
+    """The backend asked for, by argument, context or environment; ``"auto"`` when none is."""
+    if backend is not None:
+        return _check_name(backend, "backend")
+    ctx = _OVERRIDE.get()
+    if ctx is not None:
+        return ctx
+    env = os.environ.get("VQKERNELS_BACKEND")
+    if env:
+        return _check_name(env, "VQKERNELS_BACKEND")
+    return "auto"
+
+
+def not_supported_reasons(op: str, backend: str, *args, **kwargs) -> list[str]:
+    """Why ``backend`` cannot run ``op`` on these inputs (empty: it can)."""
+    table = _REGISTRY.get(op)
+    if table is None:
+        raise KeyError(f"no op named {op!r} is registered with the backend table")
+    fn = table.get(backend)
+    if fn is None:
+        return [f"{op} has no {backend} implementation"]
+    return list(fn(*args, **kwargs))
+
+
+def _device_type(args) -> str:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device.type
+    return "cpu"
+
+
+def select(op: str, backend: str | None, *args, **kwargs) -> str:
+    """The backend that runs ``op`` on these inputs, or :class:`BackendNotSupported` with reasons."""
+    want = requested_backend(backend)
+    if want != "auto":
+        reasons = not_supported_reasons(op, want, *args, **kwargs)
+        if reasons:
+            raise BackendNotSupported(
+                f"backend {want!r} cannot run {op} on these inputs: " + "; ".join(reasons)
+            )
+        return want
+    collected = []
+    for b in PRIORITY.get(_device_type(args), DEFAULT_PRIORITY):
+        reasons = not_supported_reasons(op, b, *args, **kwargs)
+        if not reasons:
+            return b
+        collected.append(f"{b}: " + "; ".join(reasons))
+    raise BackendNotSupported(f"no backend can run {op} on these inputs -- " + " | ".join(collected))
+
+
+def explain(op: str, *args, **kwargs) -> dict[str, list[str]]:
+    """For every backend, the reasons it cannot run ``op`` on these inputs (empty list: it can)."""
+    return {b: not_supported_reasons(op, b, *args, **kwargs) for b in BACKENDS}
+
+
+# --------------------------------------------------------------------------------------------
+# What this machine and this build have. Cached: none of it changes within a process, and none of
+# it is queried at import time.
+
+@functools.lru_cache(maxsize=None)
+def c_extension():
+    """The built ``vqkernels._C`` module, or None."""
+    try:
+        from . import _C  # noqa: F401  (registers torch.ops.vqkernels_C.*)
+        return _C
+    except Exception:
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def c_extension_error() -> str | None:
+    try:
+        from . import _C  # noqa: F401
+        return None
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+
+
+@functools.lru_cache(maxsize=None)
+def build_info() -> dict:
+    m = c_extension()
+    if m is None:
+        return {"cpu": False, "cuda": False}
+    return dict(m.build_info())
+
+
+def has_cpu_kernels() -> bool:
+    return bool(build_info().get("cpu"))
+
+
+def has_cuda_kernels() -> bool:
+    return bool(build_info().get("cuda"))
+
+
+def triton_interpreter() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_import_error() -> str | None:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+        return None
+    except Exception as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def triton_device_reasons(device: torch.device) -> list[str]:
+    """Why Triton cannot run on ``device`` here (empty: it can)."""
+    err = triton_import_error()
+    if err is not None:
+        return [f"triton is not importable ({err})"]
+    if device.type == "cuda":
+        if triton_interpreter():
+            return ["TRITON_INTERPRET=1 is set: Triton runs on CPU tensors only"]
+        return []
+    if device.type == "cpu":
+        if triton_interpreter():
+            return []
+        return ["Triton runs on CPU tensors only under its interpreter (TRITON_INTERPRET=1)"]
+    return [f"Triton does not run on {device.type} tensors"]
+
+
+def poison_outputs() -> bool:
+    """True under VQKERNELS_POISON_OUTPUTS=1 (the tests set it); read per call, it is cheap."""
+    return os.environ.get("VQKERNELS_POISON_OUTPUTS", "0") not in ("", "0")
+
+
+def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """An output buffer for a kernel to fill; poisoned first under VQKERNELS_POISON_OUTPUTS=1."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if poison_outputs():
+        t.fill_(float("nan") if dtype.is_floating_point else -0x7EADBEEF)
+    return t

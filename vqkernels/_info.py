@@ -1,0 +1,98 @@
+"""What vqkernels.info() and `vqkernels info` report."""
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+
+from . import __version__, _backend
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _probe_inputs(device: str, dtype: torch.dtype):
+    x = torch.empty(16, 64, device=device, dtype=dtype)
+    cb = torch.empty(32, 64, device=device, dtype=dtype)
+    return x, cb
+
+
+def collect() -> dict:
+    from .ops import nearest_code as nc
+
+    d = {
+        "vqkernels": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cpu": _cpu_model(),
+        "threads": torch.get_num_threads(),
+    }
+    try:
+        import triton
+
+        d["triton"] = triton.__version__
+    except Exception:
+        d["triton"] = None
+    cuda_ok = False
+    try:
+        cuda_ok = torch.cuda.is_available()
+    except Exception:
+        pass
+    d["cuda_device"] = torch.cuda.get_device_name(0) if cuda_ok else None
+    d["_C"] = _backend.build_info() if _backend.c_extension() is not None else None
+    d["_C_error"] = _backend.c_extension_error()
+    d["triton_interpreter"] = _backend.triton_interpreter()
+    d["triton_can_run"] = {
+        dev: not _backend.triton_device_reasons(torch.device(dev)) for dev in (["cpu", "cuda"] if cuda_ok else ["cpu"])
+    }
+    env = os.environ.get("VQKERNELS_BACKEND")
+    d["override"] = env
+    picks = {}
+    devices = ["cpu"] + (["cuda"] if cuda_ok else [])
+    for dev in devices:
+        for dtype in (torch.float32, torch.bfloat16):
+            x, cb = _probe_inputs(dev, dtype)
+            key = f"nearest_code[{dev},{str(dtype).replace('torch.', '')}]"
+            try:
+                picks[key] = _backend.select(nc.OP, None, x, cb, 0, False)
+            except Exception as e:  # noqa: BLE001 -- report, don't fail
+                picks[key] = f"none ({e})"
+            reasons = _backend.explain(nc.OP, x, cb, 0, False)
+            picks[key + " not chosen because"] = {b: r for b, r in reasons.items() if r}
+    d["backend_choice"] = picks
+    return d
+
+
+def format_info(d: dict) -> str:
+    lines = [f"vqkernels {d['vqkernels']}  (python {d['python']}, torch {d['torch']}, "
+             f"torch CUDA {d['torch_cuda']}, triton {d['triton']})",
+             f"cpu: {d['cpu']}, {d['threads']} threads",
+             f"cuda device: {d['cuda_device'] or 'none'}"]
+    if d["_C"] is None:
+        lines.append(f"_C: NOT BUILT -- every op runs on its PyTorch path ({d['_C_error']})")
+    else:
+        c = d["_C"]
+        kinds = ["CPU kernels"] + (["CUDA kernels (" + str(c.get("cuda_archs", "?")) + ")"] if c.get("cuda") else [])
+        lines.append("_C: built with " + " and ".join(kinds))
+    lines.append(f"triton can run on: {', '.join(k for k, v in d['triton_can_run'].items() if v) or 'nothing here'}"
+                 + ("  (interpreter)" if d["triton_interpreter"] else ""))
+    if d["override"]:
+        lines.append(f"VQKERNELS_BACKEND={d['override']}")
+    lines.append("backend each op picks here:")
+    for k, v in d["backend_choice"].items():
+        if k.endswith("not chosen because"):
+            for b, r in v.items():
+                lines.append(f"    {b}: {'; '.join(r)}")
+        else:
+            lines.append(f"  {k} -> {v}")
+    return "\n".join(lines)

@@ -1,0 +1,111 @@
+"""Tolerance rules and input factories shared by the tests and the benchmarks.
+
+The nearest-code check is tie-aware: an index is right when the float64 distance of the chosen code
+equals the row minimum within a tolerance that follows the arithmetic the kernels do (float32
+accumulation of exact products of the dtype-rounded inputs, or TF32 products), not when it equals
+the reference's index (which, among near-ties, any correct kernel may legitimately differ on).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Unit roundoff of the arithmetic that forms the scores (products and sums).
+ACC_EPS = {
+    "ieee": 2.0**-24,  # float32 accumulation of exact products (fp32, and fp16/bf16 widened)
+    "tf32": 2.0**-11,  # TF32 products (10-bit mantissa), float32 sums
+}
+
+
+def poison_like(t: torch.Tensor) -> torch.Tensor:
+    """A tensor of t's shape filled with values no kernel would write (to catch unwritten outputs)."""
+    if t.dtype.is_floating_point:
+        return torch.full_like(t, float("nan"))
+    return torch.full_like(t, -0x7EADBEEF if t.dtype == torch.int64 else -1)
+
+
+def make_inputs(
+    N: int, K: int, D: int, dtype=torch.float32, device="cpu", *, seed: int = 0, noncontiguous: bool = False,
+    lead: tuple = (),
+):
+    """Fresh random x (*lead, N, D) and codebook (K, D). ``noncontiguous`` makes x a strided view."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    cb = torch.randn(K, D, generator=g)
+    if noncontiguous:
+        base = torch.randn(*lead, N, 2 * D + 1, generator=g)
+        x = base[..., 1 : 2 * D + 1 : 2]
+        assert not x.is_contiguous() or x.numel() <= 1
+    else:
+        x = torch.randn(*lead, N, D, generator=g)
+    return x.to(device=device, dtype=dtype), cb.to(device=device, dtype=dtype)
+
+
+def _prep(x: torch.Tensor, codebook: torch.Tensor, metric: str):
+    """The inputs as the kernels see them, widened exactly to float64 (cosine: normalised as the op does)."""
+    from .ops.nearest_code import normalize
+
+    x2 = x.reshape(-1, x.shape[-1])
+    cb = codebook
+    if metric == "cosine":
+        x2, cb = normalize(x2), normalize(cb)
+    return x2.double(), cb.double()
+
+
+def exact_distances(x: torch.Tensor, codebook: torch.Tensor, metric: str = "l2") -> torch.Tensor:
+    """(N, K) float64 distances of the dtype-rounded inputs (small test sizes only)."""
+    x64, c64 = _prep(x, codebook, metric)
+    if metric == "l2":
+        return ((x64[:, None, :] - c64[None, :, :]) ** 2).sum(-1)
+    return 1.0 - x64 @ c64.T
+
+
+def score_tolerance(x: torch.Tensor, codebook: torch.Tensor, metric: str = "l2", precision: str = "ieee"):
+    """Per-row absolute tolerance on a distance: a few roundoffs of the terms the kernels sum."""
+    x64, c64 = _prep(x, codebook, metric)
+    D = x64.shape[1]
+    eps = ACC_EPS[precision]
+    # Each dot product sums D terms: error <= ~sqrt(D)*eps*sum|x_i c_i| for the usual rounding, with
+    # a generous constant; plus the norms' own rounding for l2.
+    abs_dot = x64.abs() @ c64.abs().T  # (N, K) -- small test sizes only
+    bound = abs_dot.max(dim=1).values
+    if metric == "l2":
+        bound = 2 * bound + (c64 * c64).sum(1).max() + (x64 * x64).sum(1)
+    return 8.0 * eps * max(1.0, math.sqrt(D)) * bound + 1e-30
+
+
+def check_nearest(
+    x, codebook, idx, dist=None, *, metric: str = "l2", precision: str = "ieee", finite_rows_only: bool = True
+) -> None:
+    """Assert that ``idx`` (and ``dist``) are a correct nearest-code answer, tie-aware."""
+    N = x.reshape(-1, x.shape[-1]).shape[0]
+    K = codebook.shape[0]
+    assert idx.dtype == torch.int64, f"indices must be int64, got {idx.dtype}"
+    assert idx.shape == x.shape[:-1], f"indices shape {tuple(idx.shape)} != {tuple(x.shape[:-1])}"
+    if N == 0:
+        return
+    i = idx.reshape(-1).cpu()
+    assert int(i.min()) >= 0 and int(i.max()) < K, f"indices out of [0, {K}): min {int(i.min())} max {int(i.max())}"
+    d = exact_distances(x.cpu(), codebook.cpu(), metric)
+    tol = score_tolerance(x.cpu(), codebook.cpu(), metric, precision)
+    rowmin = d.min(dim=1).values
+    chosen = d.gather(1, i[:, None]).squeeze(1)
+    bad = chosen - rowmin > tol
+    if bad.any():
+        r = int(bad.nonzero()[0])
+        raise AssertionError(
+            f"{int(bad.sum())}/{N} rows chose a code that is not nearest; row {r}: chose {int(i[r])} at "
+            f"{chosen[r]:.9g}, the minimum is {rowmin[r]:.9g} at {int(d[r].argmin())} (tolerance {tol[r]:.3g})"
+        )
+    if dist is not None:
+        assert dist.dtype == torch.float32, f"distance must be float32, got {dist.dtype}"
+        assert dist.shape == x.shape[:-1]
+        dv = dist.reshape(-1).cpu().double()
+        err = (dv - chosen).abs()
+        bad = ~(err <= tol + 1e-6 * chosen.abs())
+        if bad.any():
+            r = int(bad.nonzero()[0])
+            raise AssertionError(
+                f"{int(bad.sum())}/{N} distances are off; row {r}: returned {dv[r]:.9g}, exact {chosen[r]:.9g} "
+                f"(tolerance {tol[r]:.3g})"
+            )
