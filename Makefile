@@ -8,7 +8,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # The CUDA-enabled torch builds (and links) the CUDA kernels wherever nvcc is found, GPU or not.
 TORCH  ?= torch==2.14.1
-DEPS   := "numpy<2.4" ninja pybind11 pytest pytest-benchmark faiss-cpu matplotlib
+DEPS   := "setuptools>=64" wheel "numpy<2.4" ninja pybind11 pytest pytest-benchmark faiss-cpu matplotlib
 CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda))
 export CUDA_HOME
 export MAX_JOBS ?= 2

@@ -32,7 +32,8 @@ def _extensions():
         return [], {}
 
     cpu_sources = ["csrc/registration.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++17", "-fvisibility=hidden"]
+    # No -std flag: cpp_extension picks the standard this torch needs (C++20 for torch >= 2.10ish, C++17 before).
+    cxx = ["-O3", "-fvisibility=hidden"]
     define_macros = []
     want_cuda = _flag("VQKERNELS_BUILD_CUDA", True)
     has_cuda = want_cuda and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
@@ -52,7 +53,7 @@ def _extensions():
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "native")
         define_macros += [("VQKERNELS_WITH_CUDA", None), ("VQKERNELS_CUDA_ARCHS", f'"{archs}"')]
         cuda_sources = sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
-        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+        nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
         ext = cpp_extension.CUDAExtension(
             "vqkernels._C",
             cpu_sources + cuda_sources,
