@@ -1,0 +1,163 @@
+"""The CUDA kernels compile for sm_90 without register spills; runs on machines without a GPU.
+
+Every csrc/cuda/*.cu is compiled by nvcc with setup.py's flags for Hopper (sm_90) and `-Xptxas -v`.
+The test fails when ptxas reports spill stores or loads for any kernel (local-memory traffic in a hot
+loop), and prints registers, shared memory and stack per kernel (`pytest -s` shows the table).
+It also checks, where vqkernels._C was built with CUDA, that the CUDA implementation of
+nearest_code is registered and that its own argument check answers a call with CPU tensors.
+"""
+from __future__ import annotations
+
+import functools
+import glob
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CUDA_SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+# setup.py's nvcc flags, for sm_90 only.
+NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
+              "-gencode", "arch=compute_90,code=sm_90", "-Xptxas", "-v", "-DVQKERNELS_WITH_CUDA"]
+
+
+def _nvcc() -> str | None:
+    from torch.utils import cpp_extension
+
+    homes = [cpp_extension.CUDA_HOME, os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
+    for home in homes:
+        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+            return os.path.join(home, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+def _skip_reason() -> str | None:
+    if torch.version.cuda is None:
+        return "this torch has no CUDA: the CUDA kernels are not built with it"
+    if _nvcc() is None:
+        return "nvcc not found (set CUDA_HOME): the CUDA kernels cannot be compiled here"
+    if not CUDA_SOURCES:
+        return "no csrc/cuda/*.cu sources"
+    return None
+
+
+def _demangle(names: list[str]) -> dict[str, str]:
+    tool = shutil.which("c++filt")
+    if not tool or not names:
+        return {n: n for n in names}
+    try:  # c++filt reads one name a line
+        out = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True, timeout=30).stdout
+        lines = out.splitlines()
+        if len(lines) == len(names):
+            return dict(zip(names, lines))
+    except Exception:
+        pass
+    return {n: n for n in names}
+
+
+def parse_ptxas(text: str) -> dict[str, dict]:
+    """ptxas -v output -> {mangled name: {registers, smem, stack, spill_stores, spill_loads}}."""
+    res: dict[str, dict] = {}
+    current = None
+    for line in text.splitlines():
+        m = re.search(r"Function properties for (\S+)", line)
+        if m:
+            current = res.setdefault(m.group(1), {"registers": None, "smem": 0, "stack": 0,
+                                                  "spill_stores": 0, "spill_loads": 0})
+            continue
+        m = re.search(r"Compiling entry function '([^']+)'", line)
+        if m:
+            current = res.setdefault(m.group(1), {"registers": None, "smem": 0, "stack": 0,
+                                                  "spill_stores": 0, "spill_loads": 0})
+            continue
+        if current is None:
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            current["stack"] = int(m.group(1))
+            current["spill_stores"] = int(m.group(2))
+            current["spill_loads"] = int(m.group(3))
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            current["registers"] = int(m.group(1))
+            s = re.search(r"(\d+) bytes smem", line)
+            current["smem"] = int(s.group(1)) if s else 0
+    return res
+
+
+@functools.lru_cache(maxsize=None)
+def compile_for_sm90(src: str) -> tuple[dict[str, dict], str]:
+    """Compile one .cu to an object in a temporary folder; (ptxas report per function, nvcc log)."""
+    from torch.utils import cpp_extension
+
+    out_dir = tempfile.mkdtemp(prefix="vqk_cuda_build_")
+
+    includes = [os.path.join(ROOT, "csrc")] + cpp_extension.include_paths()
+    cmd = [_nvcc(), *NVCC_FLAGS, *[f"-I{p}" for p in includes], "-c", src,
+           "-o", os.path.join(out_dir, os.path.basename(src) + ".o")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    shutil.rmtree(out_dir, ignore_errors=True)
+    assert proc.returncode == 0, f"nvcc failed on {os.path.relpath(src, ROOT)}:\n{log[-6000:]}"
+    return parse_ptxas(log), log
+
+
+@pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
+@pytest.mark.parametrize("src", CUDA_SOURCES, ids=[os.path.basename(s) for s in CUDA_SOURCES])
+def test_cuda_source_compiles_for_sm90_without_spills(src):
+    kernels, log = compile_for_sm90(src)
+    assert kernels, f"ptxas reported no functions for {src}:\n{log[-3000:]}"
+    names = _demangle(list(kernels))
+    short = {m: n.replace("(anonymous namespace)::", "").split("(")[0] for m, n in names.items()}
+    rows = []
+    for mangled, k in sorted(kernels.items(), key=lambda kv: names[kv[0]]):
+        rows.append(f"  {short[mangled]:<64} regs {k['registers']!s:>4}  smem {k['smem']:>6} B  "
+                    f"stack {k['stack']:>4} B  spills {k['spill_stores']}/{k['spill_loads']} B")
+    table = f"{os.path.relpath(src, ROOT)} at sm_90 (static smem only; dynamic smem is set at launch):\n" + \
+        "\n".join(rows)
+    print("\n" + table)
+    spilling = [names[m] for m, k in kernels.items() if k["spill_stores"] or k["spill_loads"]]
+    assert not spilling, "kernels spill registers to local memory:\n" + table
+
+
+@pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
+def test_nearest_code_kernels_are_all_there():
+    src = os.path.join(ROOT, "csrc", "cuda", "nearest_code.cu")
+    if not os.path.exists(src):
+        pytest.skip("csrc/cuda/nearest_code.cu is absent")
+    kernels, _ = compile_for_sm90(src)
+    names = " ".join(_demangle(list(kernels)).values())
+    for kernel in ("nearest_code_tc_kernel<__half>", "nearest_code_tc_kernel<__nv_bfloat16>",
+                   "nearest_code_tc_kernel<float>", "nearest_code_simt_f32_kernel", "row_sumsq_kernel"):
+        assert kernel in names or kernel.split("<")[0] in names, f"{kernel} missing from {names}"
+    # The tensor-core kernel is written for 2 CTAs of 128 threads per SM (__launch_bounds__(128, 2)).
+    for mangled, k in kernels.items():
+        if "nearest_code_tc_kernel" in mangled:
+            assert k["registers"] is not None and k["registers"] <= 255
+
+
+def _cuda_extension_built() -> bool:
+    try:
+        from vqkernels import _backend
+
+        return _backend.c_extension() is not None and _backend.has_cuda_kernels()
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(not _cuda_extension_built(), reason="vqkernels._C was not built with CUDA kernels")
+def test_cuda_nearest_code_is_registered_and_checks_its_device():
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("vqkernels_C::nearest_code", "CUDA")
+    op = torch.ops.vqkernels_C.nearest_code.default
+    cuda_only = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    x, cb = torch.randn(5, 8), torch.randn(7, 8)
+    # Call the CUDA implementation itself with CPU tensors: its own check must answer, clearly.
+    with pytest.raises(RuntimeError, match="cuda nearest_code: x must be a CUDA tensor"):
+        op.redispatch(cuda_only, x, cb, 0, False)
+    with pytest.raises(RuntimeError, match="cuda nearest_code: x has D=8 but codebook has D=4"):
+        op.redispatch(cuda_only, x, cb[:, :4].contiguous(), 0, False)
