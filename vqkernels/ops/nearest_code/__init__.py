@@ -52,8 +52,6 @@ def _cpu_reasons(x, codebook, metric, allow_tf32):
 def _triton_reasons(x, codebook, metric, allow_tf32):
     r = _backend.triton_device_reasons(x.device)
     r += _dtype_reason(x, KERNEL_DTYPES)
-    if x.device.type == "cpu" and x.dtype == torch.bfloat16:
-        r.append("bfloat16 tl.dot is wrong in the Triton interpreter (it multiplies the raw bits)")
     if codebook.shape[0] > MAX_CODES:
         r.append(f"K={codebook.shape[0]} codes is more than {MAX_CODES}")
     return r
@@ -174,7 +172,8 @@ def nearest_code(
 
     Ties: among codes with equal scores the lowest index wins. Non-finite input: a NaN score counts
     as +inf, so a code holding NaN/Inf never wins for a finite row unless every code does (then
-    index 0); a row of x holding NaN gets a valid index and a NaN distance.
+    index 0); a row of x holding NaN gets a valid index and a non-finite distance (NaN for l2,
+    +inf for cosine).
     """
     check_inputs(x, codebook, metric)
     lead = x.shape[:-1]
