@@ -8,7 +8,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # The CUDA-enabled torch builds (and links) the CUDA kernels wherever nvcc is found, GPU or not.
 TORCH  ?= torch==2.14.1
-DEPS   := "setuptools>=64" wheel "numpy<2.4" ninja pybind11 pytest pytest-benchmark faiss-cpu matplotlib
+DEPS   := "setuptools>=64" wheel "numpy<2.4" ninja pybind11 pytest pytest-benchmark faiss-cpu matplotlib \
+          taming-transformers-rom1504==0.0.6 vector-quantize-pytorch==1.32.0
 CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda))
 export CUDA_HOME
 export MAX_JOBS ?= 2
@@ -24,6 +25,7 @@ $(VENV)/.deps-stamp: Makefile pyproject.toml
 
 setup: $(VENV)/.deps-stamp
 
+# Note: a .cu and a .cpp must not share a stem (their objects would collide).
 # Rebuilds _C in place when a C++/CUDA source changed (ninja keeps it incremental).
 build: setup
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .

@@ -34,6 +34,12 @@ def _extensions():
     cpu_sources = ["csrc/registration.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     # No -std flag: cpp_extension picks the standard this torch needs (C++20 for torch >= 2.10ish, C++17 before).
     cxx = ["-O3", "-fvisibility=hidden"]
+    ldflags = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is a header template around `#pragma omp parallel`: without -fopenmp it
+        # silently runs on one thread. With it, our kernels share torch's OpenMP pool (libgomp).
+        cxx.append("-fopenmp")
+        ldflags.append("-fopenmp")
     define_macros = []
     want_cuda = _flag("VQKERNELS_BUILD_CUDA", True)
     has_cuda = want_cuda and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
@@ -60,6 +66,7 @@ def _extensions():
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+            extra_link_args=ldflags,
         )
     else:
         ext = cpp_extension.CppExtension(
@@ -68,6 +75,7 @@ def _extensions():
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=define_macros,
             extra_compile_args={"cxx": cxx},
+            extra_link_args=ldflags,
         )
 
     base = cpp_extension.BuildExtension.with_options(use_ninja=True)

@@ -127,9 +127,9 @@ def test_cuda_source_compiles_for_sm90_without_spills(src):
 
 @pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
 def test_nearest_code_kernels_are_all_there():
-    src = os.path.join(ROOT, "csrc", "cuda", "nearest_code.cu")
+    src = os.path.join(ROOT, "csrc", "cuda", "nearest_code_kernels.cu")
     if not os.path.exists(src):
-        pytest.skip("csrc/cuda/nearest_code.cu is absent")
+        pytest.skip("csrc/cuda/nearest_code_kernels.cu is absent")
     kernels, _ = compile_for_sm90(src)
     names = " ".join(_demangle(list(kernels)).values())
     for kernel in ("nearest_code_tc_kernel<__half>", "nearest_code_tc_kernel<__nv_bfloat16>",

@@ -136,7 +136,28 @@ def c_extension():
         return None
 
 
-@functools.lru_cache(maxsize=None)
+_PROBES: dict = {}
+
+
+def _constant_under_compile(fn):
+    """Cache a no-argument probe, and tell Dynamo its result is a constant not to trace into.
+
+    Setting ``_dynamo_marked_constant`` is exactly what ``torch.compiler.assume_constant_result``
+    does, without its import of torch._dynamo (which imports triton and costs a second), so
+    ``import vqkernels`` stays cheap. (Not functools.lru_cache: Dynamo warns on it.)
+    """
+
+    @functools.wraps(fn)
+    def probe():
+        if fn.__name__ not in _PROBES:
+            _PROBES[fn.__name__] = fn()
+        return _PROBES[fn.__name__]
+
+    probe._dynamo_marked_constant = True
+    return probe
+
+
+@_constant_under_compile
 def c_extension_error() -> str | None:
     try:
         from . import _C  # noqa: F401
@@ -153,10 +174,12 @@ def build_info() -> dict:
     return dict(m.build_info())
 
 
+@_constant_under_compile
 def has_cpu_kernels() -> bool:
     return bool(build_info().get("cpu"))
 
 
+@_constant_under_compile
 def has_cuda_kernels() -> bool:
     return bool(build_info().get("cuda"))
 
@@ -165,7 +188,7 @@ def triton_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+@_constant_under_compile
 def triton_import_error() -> str | None:
     try:
         import triton  # noqa: F401

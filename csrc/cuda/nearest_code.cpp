@@ -1,5 +1,5 @@
 // The CUDA launcher of nearest_code: argument checks, output allocation, stream and device guard,
-// and the TORCH_LIBRARY_IMPL registration. The kernels are in nearest_code.cu (light includes);
+// and the TORCH_LIBRARY_IMPL registration. The kernels are in nearest_code_kernels.cu (light includes);
 // see its header comment for which kernel serves which dtype.
 #include <ATen/ATen.h>
 // c10/cuda/CUDAStream.h rather than ATen/cuda/CUDAContext.h: the latter pulls in cusparse.h and
@@ -19,7 +19,7 @@
 
 namespace vqkernels {
 namespace cuda {
-// Defined in nearest_code.cu.
+// Defined in nearest_code_kernels.cu.
 int64_t nearest_code_workspace_floats(int64_t K);
 cudaError_t launch_nearest_code(const void* x, const void* codebook, int dtype, int64_t N, int64_t K, int64_t D,
                                 int64_t metric, bool allow_tf32, int64_t* out_idx, float* out_dist,
