@@ -8,6 +8,19 @@ TORCH_LIBRARY(vqkernels_C, m) {
   // x (N, D), codebook (K, D), both contiguous and of one dtype (float32, float16, bfloat16).
   // Returns (indices int64 (N,), distance float32 (N,)); see csrc/common.h for the metric ids.
   m.def("nearest_code(Tensor x, Tensor codebook, int metric, bool allow_tf32) -> (Tensor, Tensor)");
+  // vq_loss (csrc/cpu/vq_loss.cpp). z (N, D) or (B, T, D) with any strides and codebook (K, D) of one
+  // dtype (float32, float16, bfloat16), indices int64 of z's leading shape, in [0, K) (else IndexError).
+  // Sums run in float32 (float64 for float64). z_q and grad_z come back in z's layout (empty_like(z)).
+  // Forward: (z_q = codebook[indices] in z's dtype, loss = scale * sum (z_q - z)^2, 0-d).
+  m.def("vq_loss_fwd(Tensor z, Tensor codebook, Tensor indices, float scale) -> (Tensor, Tensor)");
+  // Backward: grad_z = grad_zq + 2 w_commit grad_loss / (N D) * (z - z_q)            ((N, D) or (0,) if not needed)
+  //           grad_codebook[k] = 2 w_codebook grad_loss / (N D) * sum_{idx[n]=k} (z_q[n] - z[n])   ((K, D) or (0,))
+  m.def("vq_loss_bwd(Tensor grad_zq, Tensor grad_loss, Tensor z, Tensor codebook, Tensor indices, float w_commit, "
+        "float w_codebook, bool need_grad_z, bool need_grad_codebook) -> (Tensor, Tensor)");
+  // Per-code statistics of the assigned vectors: (counts float32 (K,), sums float32 (K, D)).
+  m.def("code_stats(Tensor z, Tensor indices, int num_codes) -> (Tensor, Tensor)");
+  // Histogram of indices and taming's perplexity: (counts int64 (K,), perplexity float32 0-d).
+  m.def("code_usage(Tensor indices, int num_codes) -> (Tensor, Tensor)");
 }
 
 namespace {

@@ -1,0 +1,521 @@
+// The VQ loss on the CPU: fused gather + loss, fused backward, per-code statistics, code usage.
+//
+// Functions computed (the spec is vqkernels/ops/vq_loss/reference.py), z (N, D), codebook (K, D),
+// idx int64 (N,) in [0, K):
+//   vq_loss_fwd: z_q[n] = codebook[idx[n]];  loss = scale * sum_{n,d} (z_q - z)^2
+//   vq_loss_bwd: grad_z[n] = grad_zq[n] + c_z (z[n] - z_q[n]),  c_z = 2 w_commit grad_loss / (N D)
+//                grad_cb[k] = c_cb sum_{n: idx[n]=k} (z_q[n] - z[n]), c_cb = 2 w_codebook grad_loss / (N D)
+//   code_stats:  counts[k] = #{n: idx[n]=k}, sums[k] = sum_{n: idx[n]=k} z[n]
+//   code_usage:  counts[k] (int64), perplexity = exp(-sum_k p_k log(p_k + 1e-10)), p = counts / max(N, 1)
+// float16/bfloat16 values are widened to float32; every sum runs in float32 (float64 for float64
+// input, which only the tests use) and is rounded to the output dtype once.
+//
+// DETERMINISM. Every result is bit-identical from run to run and for any thread count:
+//  - the loss is summed per fixed block of kRowBlock rows (16 float lanes per row, combined in a fixed
+//    order), the block partials in double, and the partials added in block order;
+//  - the scatter-adds (codebook gradient, per-code sums) are an OWNER-COMPUTES ordered reduction:
+//    the codes are split into contiguous ranges (balanced by how many rows chose them), one task per
+//    range; every task scans all rows in ascending order and adds only the rows whose code it owns.
+//    So each code's rows are summed in ascending row order by exactly one task, whatever the number
+//    of tasks or threads: the same result as a stable sort by code followed by a sequential sum per
+//    code, without the sort's random walk over z. No atomics, no per-thread K x D partial buffers;
+//    extra memory: K + T + 1 int64 (and a K x D float32 accumulator for float16/bfloat16 codebooks).
+// When z, grad_zq and grad_z have contiguous rows, the same pass writes grad_z (each row belongs to
+// exactly one task), so the backward reads z, codebook and grad_zq once, sequentially. Strided rows
+// (z as (B, T, D) with any strides, e.g. a channel-first map viewed as (B, H*W, C), read in place)
+// go through transposed tiles of kTile rows; grad_z is then a separate row-parallel pass.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "common.h"
+
+namespace vqkernels {
+namespace {
+
+constexpr int64_t kRowBlock = 256;    // rows per loss partial: fixed, so the sum order is too
+constexpr int64_t kLanes = 16;        // independent float accumulators per row (one AVX-512 register)
+constexpr int64_t kGrainElems = 1 << 15;  // elements of work per parallel task, at least
+
+template <typename T>
+inline float to_f(T v) { return static_cast<float>(v); }
+inline double to_f(double v) { return v; }
+
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+// z is (N, D) or (B, T, D), with any strides (a channel-first feature map permuted to (B, H*W, C)
+// is read in place); indices have z's leading shape, any strides.
+void check_common(const at::Tensor& z, const at::Tensor& indices, const char* op) {
+  TORCH_CHECK(z.device().is_cpu(), "cpu ", op, ": z must be a CPU tensor, got ", z.device());
+  TORCH_CHECK(indices.device().is_cpu(), "cpu ", op, ": indices must be a CPU tensor, got ", indices.device());
+  TORCH_CHECK(z.dim() == 2 || z.dim() == 3, "cpu ", op, ": z must be 2-D (N, D) or 3-D (B, T, D), got ", z.dim(),
+              "-D");
+  TORCH_CHECK(indices.scalar_type() == at::kLong, "cpu ", op, ": indices must be int64, got ",
+              indices.scalar_type());
+  TORCH_CHECK(indices.dim() == z.dim() - 1 && indices.sizes() == z.sizes().slice(0, z.dim() - 1), "cpu ", op,
+              ": indices must have shape (N,) = (", z.sizes().slice(0, z.dim() - 1), "), got ", indices.sizes());
+  const auto st = z.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble, "cpu ", op,
+              ": z must be float32, float16 or bfloat16, got ", st);
+}
+
+// Row n of a (N, D) or (B, T, D) tensor with any strides: rows are numbered b * T + t.
+template <typename T>
+struct Rows {
+  T* base;
+  int64_t T_, sb, st, sd;
+  Rows(const at::Tensor& x, T* ptr) : base(ptr) {
+    if (x.dim() == 3) {
+      T_ = std::max<int64_t>(x.size(1), 1);
+      sb = x.stride(0);
+      st = x.stride(1);
+      sd = x.stride(2);
+    } else {
+      T_ = std::max<int64_t>(x.size(0), 1);
+      sb = 0;
+      st = x.stride(0);
+      sd = x.stride(1);
+    }
+  }
+  T* row(int64_t n) const { return base + (n / T_) * sb + (n % T_) * st; }
+};
+
+int64_t rows_of(const at::Tensor& z) { return z.dim() == 3 ? z.size(0) * z.size(1) : z.size(0); }
+
+// Rows are processed in tiles of kTile. A strided layout (sd != 1, e.g. channel-first, where one
+// row's elements lie H*W apart, 4 KiB for a 32x32 map: every element of a row in the same L1 set)
+// is transposed tile by tile through a small buffer: for each d the kTile rows' elements are
+// neighbours in memory. Contiguous rows are used in place.
+constexpr int64_t kTile = 16;
+
+template <typename T>
+struct TileIn {
+  std::vector<T> buf;
+  const T* ptr[kTile];
+  void read(const Rows<const T>& x, int64_t n0, int64_t nr, int64_t D) {
+    if (x.sd == 1) {
+      for (int64_t r = 0; r < nr; ++r) ptr[r] = x.row(n0 + r);
+      return;
+    }
+    buf.resize(kTile * D);
+    const T* src[kTile];
+    for (int64_t r = 0; r < nr; ++r) src[r] = x.row(n0 + r);
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t r = 0; r < nr; ++r) buf[r * D + d] = src[r][d * x.sd];
+    for (int64_t r = 0; r < nr; ++r) ptr[r] = buf.data() + r * D;
+  }
+};
+
+template <typename T>
+struct TileOut {
+  std::vector<T> buf;
+  T* ptr[kTile];
+  T* dst[kTile];
+  void open(const Rows<T>& y, int64_t n0, int64_t nr, int64_t D) {
+    if (y.sd == 1) {
+      for (int64_t r = 0; r < nr; ++r) ptr[r] = y.row(n0 + r);
+      return;
+    }
+    buf.resize(kTile * D);
+    for (int64_t r = 0; r < nr; ++r) {
+      ptr[r] = buf.data() + r * D;
+      dst[r] = y.row(n0 + r);
+    }
+  }
+  void flush(const Rows<T>& y, int64_t nr, int64_t D) {
+    if (y.sd == 1) return;
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t r = 0; r < nr; ++r) dst[r][d * y.sd] = ptr[r][d];
+  }
+};
+
+void check_codebook(const at::Tensor& z, const at::Tensor& codebook, const char* op) {
+  TORCH_CHECK(codebook.device().is_cpu(), "cpu ", op, ": codebook must be a CPU tensor, got ", codebook.device());
+  TORCH_CHECK(codebook.dim() == 2, "cpu ", op, ": codebook must be 2-D (K, D), got ", codebook.dim(), "-D");
+  TORCH_CHECK(codebook.size(0) >= 1, "cpu ", op, ": codebook must hold at least one code");
+  TORCH_CHECK(z.size(-1) == codebook.size(1), "cpu ", op, ": z has D=", z.size(-1), " but codebook has D=",
+              codebook.size(1));
+  TORCH_CHECK(z.scalar_type() == codebook.scalar_type(), "cpu ", op, ": z and codebook must share a dtype, got ",
+              z.scalar_type(), " and ", codebook.scalar_type());
+}
+
+[[noreturn]] void index_error(int64_t bad, int64_t K) {
+  TORCH_CHECK_INDEX(false, "indices out of range: got index ", bad, ", codes are numbered 0..", K - 1,
+                    " (K=", K, ")");
+  std::abort();  // unreachable
+}
+
+// Counts rows per code and validates every index (IndexError on the first bad one, in row order).
+std::vector<int64_t> count_rows(const int64_t* idx, int64_t N, int64_t K) {
+  std::vector<int64_t> counts(K, 0);
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t k = idx[n];
+    if (k < 0 || k >= K) index_error(k, K);
+    ++counts[k];
+  }
+  return counts;
+}
+
+// Boundaries of `tasks` contiguous code ranges holding about equal numbers of rows (plus a little
+// weight per code, for the per-code work). Results never depend on these boundaries: see the top.
+std::vector<int64_t> code_ranges(const std::vector<int64_t>& counts, int64_t N, int64_t D) {
+  const int64_t K = int64_t(counts.size());
+  const double work = double(N) * double(std::max<int64_t>(D, 1));
+  int64_t tasks = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, int64_t(work / kGrainElems)));
+  tasks = std::max<int64_t>(1, std::min<int64_t>(tasks, K));
+  std::vector<int64_t> bounds(tasks + 1, K);
+  bounds[0] = 0;
+  const double total = double(N) + double(K);  // one unit per row and per code
+  double acc = 0.0;
+  int64_t t = 1;
+  for (int64_t k = 0; k < K && t < tasks; ++k) {
+    acc += double(counts[k]) + 1.0;
+    if (acc >= total * double(t) / double(tasks)) bounds[t++] = k + 1;
+  }
+  for (; t < tasks; ++t) bounds[t] = K;
+  return bounds;
+}
+
+void poison(at::Tensor& t) {
+  if (poison_outputs()) t.fill_(std::numeric_limits<double>::quiet_NaN());
+}
+
+// ------------------------------------------------------------------------------------------------
+// Forward: z_q = codebook[idx], loss = scale * sum (z_q - z)^2.
+
+// Sum of squares of (c - x) over one row: 16 float lanes (lane j takes d = j mod 16) combined in a
+// fixed order, the same order for contiguous and strided rows.
+template <typename T, typename acc_t>
+inline acc_t row_sqerr(const T* __restrict__ c, const T* __restrict__ x, int64_t sd, int64_t D) {
+  acc_t lane[kLanes] = {};
+  int64_t d = 0;
+  if (sd == 1) {
+    for (; d + kLanes <= D; d += kLanes) {
+      for (int64_t j = 0; j < kLanes; ++j) {
+        const acc_t t = to_f(c[d + j]) - to_f(x[d + j]);
+        lane[j] += t * t;
+      }
+    }
+  } else {
+    for (; d + kLanes <= D; d += kLanes) {
+      for (int64_t j = 0; j < kLanes; ++j) {
+        const acc_t t = to_f(c[d + j]) - to_f(x[(d + j) * sd]);
+        lane[j] += t * t;
+      }
+    }
+  }
+  acc_t s = 0;
+  for (; d < D; ++d) {
+    const acc_t t = to_f(c[d]) - to_f(x[d * sd]);
+    s += t * t;
+  }
+  for (int64_t j = 0; j < kLanes; ++j) s += lane[j];
+  return s;
+}
+
+template <typename T>
+double fwd_block(const Rows<const T>& z, const T* cb, const int64_t* idx, const Rows<T>& zq, int64_t n0,
+                 int64_t n1, int64_t K, int64_t D, TileIn<T>& zin, TileOut<T>& qout) {
+  using acc_t = typename Acc<T>::type;
+  double block = 0.0;
+  for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
+    const int64_t nr = std::min(kTile, n1 - t0);
+    for (int64_t r = 0; r < nr; ++r) {
+      const int64_t k = idx[t0 + r];
+      if (k < 0 || k >= K) index_error(k, K);
+    }
+    zin.read(z, t0, nr, D);
+    qout.open(zq, t0, nr, D);
+    for (int64_t r = 0; r < nr; ++r) {
+      const T* __restrict__ c = cb + idx[t0 + r] * D;
+      std::memcpy(qout.ptr[r], c, sizeof(T) * D);
+      block += double(row_sqerr<T, acc_t>(c, zin.ptr[r], 1, D));
+    }
+    qout.flush(zq, nr, D);
+  }
+  return block;
+}
+
+std::tuple<at::Tensor, at::Tensor> vq_loss_fwd_cpu(const at::Tensor& z, const at::Tensor& codebook_in,
+                                                    const at::Tensor& indices_in, double scale) {
+  check_common(z, indices_in, "vq_loss_fwd");
+  check_codebook(z, codebook_in, "vq_loss_fwd");
+  const at::Tensor codebook = codebook_in.contiguous(), indices = indices_in.contiguous();
+  const int64_t N = rows_of(z), D = z.size(-1), K = codebook.size(0);
+  at::Tensor zq = at::empty_like(z);  // z's layout (strides preserved for a dense z)
+  poison(zq);
+  const int64_t nblocks = (N + kRowBlock - 1) / kRowBlock;
+  std::vector<double> partial(nblocks, 0.0);
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, kRowBlock * D));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "vq_loss_fwd_cpu", [&] {
+    const Rows<const scalar_t> zr(z, z.const_data_ptr<scalar_t>());
+    const Rows<scalar_t> qr(zq, zq.data_ptr<scalar_t>());
+    const scalar_t* cp = codebook.const_data_ptr<scalar_t>();
+    const int64_t* ip = indices.const_data_ptr<int64_t>();
+    at::parallel_for(0, nblocks, grain, [&](int64_t b0, int64_t b1) {
+      TileIn<scalar_t> zin;
+      TileOut<scalar_t> qout;
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t n0 = b * kRowBlock, n1 = std::min(N, n0 + kRowBlock);
+        partial[b] = fwd_block<scalar_t>(zr, cp, ip, qr, n0, n1, K, D, zin, qout);
+      }
+    });
+  });
+  double total = 0.0;
+  for (int64_t b = 0; b < nblocks; ++b) total += partial[b];
+  const auto loss_dtype = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor loss = at::scalar_tensor(total * scale, z.options().dtype(loss_dtype));
+  return {zq, loss};
+}
+
+// ------------------------------------------------------------------------------------------------
+// Backward.
+
+// One row of the backward: o = g + c_z (x - c) (if o), a += x - c. Contiguous rows vectorise.
+template <typename T, typename acc_t>
+inline void bwd_row(const T* __restrict__ g, int64_t sg, const T* __restrict__ x, int64_t sx,
+                    const T* __restrict__ c, T* __restrict__ o, int64_t so, acc_t* __restrict__ a, acc_t c_z,
+                    int64_t D) {
+  if (sg == 1 && sx == 1 && so == 1) {
+    if (o != nullptr && a != nullptr) {
+      for (int64_t d = 0; d < D; ++d) {
+        const acc_t diff = to_f(x[d]) - to_f(c[d]);
+        o[d] = static_cast<T>(to_f(g[d]) + c_z * diff);
+        a[d] += diff;
+      }
+    } else if (o != nullptr) {
+      for (int64_t d = 0; d < D; ++d) o[d] = static_cast<T>(to_f(g[d]) + c_z * (to_f(x[d]) - to_f(c[d])));
+    } else {
+      for (int64_t d = 0; d < D; ++d) a[d] += to_f(x[d]) - to_f(c[d]);
+    }
+    return;
+  }
+  for (int64_t d = 0; d < D; ++d) {
+    const acc_t diff = to_f(x[d * sx]) - to_f(c[d]);
+    if (o != nullptr) o[d * so] = static_cast<T>(to_f(g[d * sg]) + c_z * diff);
+    if (a != nullptr) a[d] += diff;
+  }
+}
+
+// Owner-computes backward: task t owns codes [bounds[t], bounds[t+1]); it scans every row in order,
+// and for its rows adds (z - z_q) to its codes' float accumulators, and (gz != nullptr: only when
+// z, grad_zq and grad_z all have contiguous rows) writes grad_z in the same pass.
+template <typename T>
+void bwd_owned(const Rows<const T>& gzq, const Rows<const T>& z, const T* cb, const int64_t* idx,
+               const std::vector<int64_t>& bounds, const Rows<T>* gz, typename Acc<T>::type* acc, int64_t N,
+               int64_t D, typename Acc<T>::type c_z) {
+  using acc_t = typename Acc<T>::type;
+  const int64_t tasks = int64_t(bounds.size()) - 1;
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    TileIn<T> zin;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t k0 = bounds[t], nk = bounds[t + 1] - bounds[t];
+      auto owned = [&](int64_t k) { return static_cast<uint64_t>(k - k0) < static_cast<uint64_t>(nk); };
+      std::fill(acc + k0 * D, acc + (k0 + nk) * D, acc_t(0));
+      if (gz != nullptr) {  // contiguous rows: one fused pass
+        for (int64_t n = 0; n < N; ++n) {
+          const int64_t k = idx[n];
+          if (!owned(k)) continue;
+          bwd_row<T, acc_t>(gzq.row(n), 1, z.row(n), 1, cb + k * D, gz->row(n), 1, acc + k * D, c_z, D);
+        }
+        continue;
+      }
+      for (int64_t r0 = 0; r0 < N; r0 += kTile) {
+        const int64_t nr = std::min(kTile, N - r0);
+        bool any = false;
+        for (int64_t r = 0; r < nr; ++r) any |= owned(idx[r0 + r]);
+        if (!any) continue;
+        zin.read(z, r0, nr, D);
+        for (int64_t r = 0; r < nr; ++r) {
+          const int64_t k = idx[r0 + r];
+          if (!owned(k)) continue;
+          bwd_row<T, acc_t>(nullptr, 1, zin.ptr[r], 1, cb + k * D, nullptr, 1, acc + k * D, c_z, D);
+        }
+      }
+    }
+  });
+}
+
+// grad_z alone, row-parallel in tiles: grad_z = grad_zq + c_z (z - z_q).
+template <typename T>
+void bwd_rows(const Rows<const T>& gzq, const Rows<const T>& z, const T* cb, const int64_t* idx, const Rows<T>& gz,
+              int64_t N, int64_t K, int64_t D, typename Acc<T>::type c_z) {
+  using acc_t = typename Acc<T>::type;
+  const int64_t ntiles = (N + kTile - 1) / kTile;
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, kTile * D));
+  at::parallel_for(0, ntiles, grain, [&](int64_t b0, int64_t b1) {
+    TileIn<T> zin, gin;
+    TileOut<T> gout;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * kTile, nr = std::min(kTile, N - n0);
+      for (int64_t r = 0; r < nr; ++r) {
+        const int64_t k = idx[n0 + r];
+        if (k < 0 || k >= K) index_error(k, K);
+      }
+      zin.read(z, n0, nr, D);
+      gin.read(gzq, n0, nr, D);
+      gout.open(gz, n0, nr, D);
+      for (int64_t r = 0; r < nr; ++r)
+        bwd_row<T, acc_t>(gin.ptr[r], 1, zin.ptr[r], 1, cb + idx[n0 + r] * D, gout.ptr[r], 1, nullptr, c_z, D);
+      gout.flush(gz, nr, D);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> vq_loss_bwd_cpu(const at::Tensor& gzq, const at::Tensor& grad_loss,
+                                                    const at::Tensor& z, const at::Tensor& codebook_in,
+                                                    const at::Tensor& indices_in, double w_commit,
+                                                    double w_codebook, bool need_grad_z, bool need_grad_codebook) {
+  check_common(z, indices_in, "vq_loss_bwd");
+  check_codebook(z, codebook_in, "vq_loss_bwd");
+  TORCH_CHECK(gzq.sizes() == z.sizes(), "cpu vq_loss_bwd: grad_zq must have the shape of z ", z.sizes(), ", got ",
+              gzq.sizes());
+  TORCH_CHECK(gzq.scalar_type() == z.scalar_type() && gzq.device().is_cpu(),
+              "cpu vq_loss_bwd: grad_zq must be a CPU tensor of z's dtype");
+  TORCH_CHECK(grad_loss.numel() == 1, "cpu vq_loss_bwd: grad_loss must hold one value, got ", grad_loss.numel());
+  const at::Tensor codebook = codebook_in.contiguous(), indices = indices_in.contiguous();
+  const int64_t N = rows_of(z), D = z.size(-1), K = codebook.size(0);
+  const double numel = double(N) * double(D);
+  const double g = grad_loss.item<double>();
+  const double c_z = numel > 0 ? 2.0 * w_commit * g / numel : 0.0;
+  const double c_cb = numel > 0 ? 2.0 * w_codebook * g / numel : 0.0;
+
+  at::Tensor gz = need_grad_z ? at::empty_like(z) : at::empty({0}, z.options());
+  at::Tensor gcb = need_grad_codebook ? at::empty({K, D}, codebook.options()) : at::empty({0}, codebook.options());
+  poison(gz);
+  poison(gcb);
+  const int64_t* ip = indices.const_data_ptr<int64_t>();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "vq_loss_bwd_cpu", [&] {
+    using acc_t = typename Acc<scalar_t>::type;
+    const Rows<const scalar_t> zr(z, z.const_data_ptr<scalar_t>());
+    const Rows<const scalar_t> gr(gzq, gzq.const_data_ptr<scalar_t>());
+    const scalar_t* cp = codebook.const_data_ptr<scalar_t>();
+    if (need_grad_codebook) {
+      const std::vector<int64_t> counts = count_rows(ip, N, K);
+      const std::vector<int64_t> bounds = code_ranges(counts, N, D);
+      // float32 codebooks accumulate in the output itself; others in a float32 K x D scratch.
+      at::Tensor acc = std::is_same<scalar_t, acc_t>::value ? gcb : at::empty({K, D}, z.options().dtype(
+                           std::is_same<acc_t, double>::value ? at::kDouble : at::kFloat));
+      acc_t* ap = acc.data_ptr<acc_t>();
+      if (need_grad_z) {
+        const Rows<scalar_t> gzr(gz, gz.data_ptr<scalar_t>());
+        if (zr.sd == 1 && gr.sd == 1 && gzr.sd == 1) {
+          bwd_owned<scalar_t>(gr, zr, cp, ip, bounds, &gzr, ap, N, D, acc_t(c_z));  // fused, one pass
+        } else {  // strided rows: grad_z row-parallel in transposed tiles, then the owned accumulation
+          bwd_rows<scalar_t>(gr, zr, cp, ip, gzr, N, K, D, acc_t(c_z));
+          bwd_owned<scalar_t>(gr, zr, cp, ip, bounds, nullptr, ap, N, D, acc_t(c_z));
+        }
+      } else {
+        bwd_owned<scalar_t>(gr, zr, cp, ip, bounds, nullptr, ap, N, D, acc_t(c_z));
+      }
+      scalar_t* op = gcb.data_ptr<scalar_t>();
+      const acc_t scale = -acc_t(c_cb);  // c_cb * sum (z_q - z)
+      at::parallel_for(0, K * D, kGrainElems, [&](int64_t e0, int64_t e1) {
+        for (int64_t e = e0; e < e1; ++e) op[e] = static_cast<scalar_t>(scale * ap[e]);
+      });
+    } else if (need_grad_z) {
+      const Rows<scalar_t> gzr(gz, gz.data_ptr<scalar_t>());
+      bwd_rows<scalar_t>(gr, zr, cp, ip, gzr, N, K, D, acc_t(c_z));
+    }
+  });
+  return {gz, gcb};
+}
+
+// ------------------------------------------------------------------------------------------------
+// Per-code statistics (EMA): counts and sums of the assigned vectors, sorted reduction.
+
+std::tuple<at::Tensor, at::Tensor> code_stats_cpu(const at::Tensor& z, const at::Tensor& indices_in,
+                                                   int64_t num_codes) {
+  check_common(z, indices_in, "code_stats");
+  TORCH_CHECK(num_codes >= 1, "cpu code_stats: num_codes must be >= 1, got ", num_codes);
+  const at::Tensor indices = indices_in.contiguous();
+  const int64_t N = rows_of(z), D = z.size(-1), K = num_codes;
+  const auto acc_dtype = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor counts = at::empty({K}, z.options().dtype(acc_dtype));
+  at::Tensor sums = at::empty({K, D}, z.options().dtype(acc_dtype));
+  poison(counts);
+  poison(sums);
+  const int64_t* ip = indices.const_data_ptr<int64_t>();
+  const std::vector<int64_t> rows = count_rows(ip, N, K);
+  const std::vector<int64_t> bounds = code_ranges(rows, N, D);
+  const int64_t tasks = int64_t(bounds.size()) - 1;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "code_stats_cpu", [&] {
+    using acc_t = typename Acc<scalar_t>::type;
+    const Rows<const scalar_t> zr(z, z.const_data_ptr<scalar_t>());
+    acc_t* cnt = counts.data_ptr<acc_t>();
+    acc_t* sp = sums.data_ptr<acc_t>();
+    for (int64_t k = 0; k < K; ++k) cnt[k] = acc_t(rows[k]);
+    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+      TileIn<scalar_t> zin;
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t k0 = bounds[t], nk = bounds[t + 1] - bounds[t];
+        auto owned = [&](int64_t k) { return static_cast<uint64_t>(k - k0) < static_cast<uint64_t>(nk); };
+        std::fill(sp + k0 * D, sp + (k0 + nk) * D, acc_t(0));
+        for (int64_t r0 = 0; r0 < N; r0 += kTile) {
+          const int64_t nr = std::min(kTile, N - r0);
+          bool any = false;
+          for (int64_t r = 0; r < nr; ++r) any |= owned(ip[r0 + r]);
+          if (!any) continue;
+          zin.read(zr, r0, nr, D);
+          for (int64_t r = 0; r < nr; ++r) {
+            const int64_t k = ip[r0 + r];
+            if (!owned(k)) continue;
+            const scalar_t* __restrict__ x = zin.ptr[r];
+            acc_t* __restrict__ o = sp + k * D;
+            for (int64_t d = 0; d < D; ++d) o[d] += to_f(x[d]);
+          }
+        }
+      }
+    });
+  });
+  return {counts, sums};
+}
+
+// ------------------------------------------------------------------------------------------------
+// Code usage: histogram (exact integers, so any summation order gives the same counts) + perplexity
+// (summed in double over k in order).
+
+std::tuple<at::Tensor, at::Tensor> code_usage_cpu(const at::Tensor& indices_in, int64_t num_codes) {
+  TORCH_CHECK(indices_in.device().is_cpu(), "cpu code_usage: indices must be a CPU tensor, got ",
+              indices_in.device());
+  TORCH_CHECK(indices_in.scalar_type() == at::kLong, "cpu code_usage: indices must be int64, got ",
+              indices_in.scalar_type());
+  TORCH_CHECK(num_codes >= 1, "cpu code_usage: num_codes must be >= 1, got ", num_codes);
+  const at::Tensor indices = indices_in.contiguous();
+  const int64_t N = indices.numel(), K = num_codes;
+  at::Tensor counts = at::zeros({K}, indices.options());
+  int64_t* cnt = counts.data_ptr<int64_t>();
+  const int64_t* ip = indices.data_ptr<int64_t>();
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t k = ip[n];
+    if (k < 0 || k >= K) index_error(k, K);
+    ++cnt[k];
+  }
+  const double total = double(std::max<int64_t>(N, 1));
+  double h = 0.0;
+  for (int64_t k = 0; k < K; ++k) {
+    const double p = double(cnt[k]) / total;
+    h += p * std::log(p + 1e-10);
+  }
+  at::Tensor perplexity = at::scalar_tensor(std::exp(-h), indices.options().dtype(at::kFloat));
+  return {counts, perplexity};
+}
+
+}  // namespace
+}  // namespace vqkernels
+
+TORCH_LIBRARY_IMPL(vqkernels_C, CPU, m) {
+  m.impl("vq_loss_fwd", &vqkernels::vq_loss_fwd_cpu);
+  m.impl("vq_loss_bwd", &vqkernels::vq_loss_bwd_cpu);
+  m.impl("code_stats", &vqkernels::code_stats_cpu);
+  m.impl("code_usage", &vqkernels::code_usage_cpu);
+}
