@@ -9,8 +9,16 @@ __version__ = "0.1.0"
 
 from ._backend import BACKENDS, BackendNotSupported, use_backend
 from .ops.nearest_code import nearest_code
+from .ops.vq_loss import vq_loss  # noqa: E402
+from .ops.vq_loss import vector_quantize  # noqa: E402
+from .ops.vq_loss import ema_update_  # noqa: E402
+from .ops.vq_loss import ema_update_from_stats_  # noqa: E402
+from .ops.vq_loss import code_stats  # noqa: E402
+from .ops.vq_loss import code_usage  # noqa: E402
+from .nn import VectorQuantize, VectorQuantizer  # noqa: E402
 
 __all__ = ["BACKENDS", "BackendNotSupported", "info", "nearest_code", "use_backend", "__version__"]
+__all__ += ["VectorQuantize", "VectorQuantizer"]
 
 
 def info(as_text: bool = False):

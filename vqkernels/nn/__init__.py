@@ -1,0 +1,4 @@
+"""Thin modules over the vqkernels ops: drop-in quantizers for taming-transformers and vector-quantize-pytorch."""
+from .quantizer import VectorQuantize, VectorQuantizer
+
+__all__ = ["VectorQuantize", "VectorQuantizer"]
