@@ -344,3 +344,42 @@ def test_float64_runs_on_the_reference_only():
         with pytest.raises(BackendNotSupported, match="float64"):
             nearest_code(x, cb, backend="cpu")
     assert vqkernels.nearest_code(x, cb).shape == (20,)  # auto falls back to a capable backend
+
+
+# ---------------------------------------------------------------------------------------------
+# The cpu kernel on every boundary of its tiling (4-row micro-tiles, 32-code panels, 64-row blocks,
+# compile-time D = 4, 8, 16, the L2 chunking of the packed codebook): fp32 and bf16, l2 and cosine,
+# 1 and 2 threads (bit-identical), non-contiguous x.
+
+CPU_D = [1, 7, 8, 31, 32, 33, 64, 255, 1000]
+CPU_K = [1, 15, 16, 17, 4097]
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("K", CPU_K)
+@pytest.mark.parametrize("D", CPU_D)
+def test_cpu_kernel_tiling_boundaries(D, K, dtype, metric):
+    N = 1000
+    x, cb = make_inputs(N, K, D, dtype, "cpu", seed=D * 131 + K, noncontiguous=(K == 17))
+    require("cpu", x, cb, metric)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        i1, d1 = nearest_code(x, cb, metric=metric, backend="cpu", return_distance=True)
+        torch.set_num_threads(2)
+        i2, d2 = nearest_code(x, cb, metric=metric, backend="cpu", return_distance=True)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(i1, i2) and torch.equal(d1, d2), "the result depends on the thread count"
+    check_nearest(x, cb, i1, d1, metric=metric)
+
+
+@pytest.mark.parametrize("N", [0, 1, 3])
+@pytest.mark.parametrize("D", [1, 8, 33, 1000])
+def test_cpu_kernel_few_rows(N, D):
+    for dtype in (torch.float32, torch.bfloat16):
+        x, cb = make_inputs(N, 4097, D, dtype, "cpu", seed=N + D)
+        require("cpu", x, cb)
+        idx, dist = nearest_code(x, cb, backend="cpu", return_distance=True)
+        check_nearest(x, cb, idx, dist)
