@@ -3,8 +3,10 @@
 Every csrc/cuda/*.cu is compiled by nvcc with setup.py's flags for Hopper (sm_90) and `-Xptxas -v`.
 The test fails when ptxas reports spill stores or loads for any kernel (local-memory traffic in a hot
 loop), and prints registers, shared memory and stack per kernel (`pytest -s` shows the table).
-It also checks, where vqkernels._C was built with CUDA, that the CUDA implementation of
-nearest_code is registered and that its own argument check answers a call with CPU tensors.
+It also checks that every expected kernel was compiled (nearest_code's, vq_loss's), and, where
+vqkernels._C was built with CUDA, that the CUDA implementations of nearest_code and of the vq_loss ops
+(vq_loss_fwd, vq_loss_bwd, code_stats, code_usage) are registered and that their own argument checks
+answer a call with CPU tensors.
 """
 from __future__ import annotations
 
@@ -161,3 +163,42 @@ def test_cuda_nearest_code_is_registered_and_checks_its_device():
         op.redispatch(cuda_only, x, cb, 0, False)
     with pytest.raises(RuntimeError, match="cuda nearest_code: x has D=8 but codebook has D=4"):
         op.redispatch(cuda_only, x, cb[:, :4].contiguous(), 0, False)
+
+
+@pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
+def test_vq_loss_kernels_are_all_there():
+    src = os.path.join(ROOT, "csrc", "cuda", "vq_loss_kernels.cu")
+    if not os.path.exists(src):
+        pytest.skip("csrc/cuda/vq_loss_kernels.cu is absent")
+    kernels, _ = compile_for_sm90(src)
+    names = " ".join(_demangle(list(kernels)).values())
+    for dtype, vec in (("float", 4), ("__half", 8), ("__nv_bfloat16", 8)):
+        for kernel in ("vq_loss_fwd_kernel", "vq_loss_bwd_kernel", "code_stats_sums_kernel"):
+            for v in (1, vec):  # the scalar (any strides) and the 16-byte pack instantiations
+                assert f"{kernel}<{dtype}, {v}>" in names, f"{kernel}<{dtype}, {v}> missing from {names}"
+        assert f"grad_codebook_final_kernel<{dtype}>" in names
+    for kernel in ("index_scan_kernel", "loss_final_kernel", "counts_to_float_kernel", "perplexity_kernel"):
+        assert kernel in names, f"{kernel} missing from {names}"
+    # Memory-bound kernels: few registers, so 2048 threads (8 CTAs of 256) fit on an SM.
+    for mangled, k in kernels.items():
+        assert k["registers"] is not None and k["registers"] <= 64, f"{mangled}: {k['registers']} registers"
+
+
+@pytest.mark.skipif(not _cuda_extension_built(), reason="vqkernels._C was not built with CUDA kernels")
+def test_cuda_vq_loss_ops_are_registered_and_check_their_device():
+    ops = ("vq_loss_fwd", "vq_loss_bwd", "code_stats", "code_usage")
+    missing = [op for op in ops if not hasattr(torch.ops.vqkernels_C, op)
+               or not torch._C._dispatch_has_kernel_for_dispatch_key(f"vqkernels_C::{op}", "CUDA")]
+    assert not missing, f"no CUDA kernel registered for {missing} (rebuild the package)"
+    cuda_only = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    c = torch.ops.vqkernels_C
+    z, cb, idx = torch.randn(4, 3), torch.randn(5, 3), torch.zeros(4, dtype=torch.long)
+    # Call the CUDA implementations themselves with CPU tensors: their own checks must answer.
+    with pytest.raises(RuntimeError, match="cuda vq_loss_fwd: z must be a CUDA tensor"):
+        c.vq_loss_fwd.default.redispatch(cuda_only, z, cb, idx, 1.0)
+    with pytest.raises(RuntimeError, match="cuda vq_loss_bwd: z must be a CUDA tensor"):
+        c.vq_loss_bwd.default.redispatch(cuda_only, z, torch.tensor(1.0), z, cb, idx, 1.0, 0.25, True, True)
+    with pytest.raises(RuntimeError, match="cuda code_stats: z must be a CUDA tensor"):
+        c.code_stats.default.redispatch(cuda_only, z, idx, 5)
+    with pytest.raises(RuntimeError, match="cuda code_usage: indices must be a CUDA tensor"):
+        c.code_usage.default.redispatch(cuda_only, idx, 5)

@@ -437,7 +437,10 @@ def test_code_stats_and_ema_from_stats(backend):
     ema_update_(*a, z, idx, decay=0.9, backend=backend)
     vqkernels.ema_update_from_stats_(*b, counts, sums, decay=0.9)
     for x, y in zip(a, b):
-        assert torch.equal(x, y)
+        if backend in ("torch", "cpu"):  # deterministic sums: the same bits
+            assert torch.equal(x, y)
+        else:  # atomics: the per-code sums may differ in the last bits between two runs
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
     # more codes than used, and K larger than N
     counts, sums = code_stats(z[:1, :3], idx[:1, :3], 1000, backend=backend)
     assert counts.sum() == 3 and sums.shape == (1000, 5)
@@ -605,7 +608,7 @@ def test_opcheck(backend):
     torch.library.opcheck(vl._ema_update_from_stats_op, (*bufs, torch.rand(19, device=dev), cd.clone(), 0.9, 1e-5))
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_compile_fullgraph(backend):
     dev = device_for(backend)
     z, cb, idx, gzq = inputs(64, 33, 16, torch.float32, dev, seed=8, lead=(2,))

@@ -17,8 +17,11 @@ formula (``register_autograd``) calls the registered ``vq_loss_backward`` op. Th
 public wrapper (``vqkernels._backend.select``) and travels into the op as a string argument.
 
 Backends: ``torch`` (reference.py: the spec), ``cpu`` (C++, csrc/cpu/vq_loss.cpp: deterministic, bit-identical
-for any thread count), ``triton`` (triton.py: the codebook gradient and the statistics by atomic adds, so
-their float rounding may differ from run to run). Indices outside [0, K) raise ``IndexError`` on every backend.
+for any thread count), ``triton`` (triton.py) and ``cuda`` (CUDA C++, csrc/cuda/vq_loss_kernels.cu, through the
+same ``torch.ops.vqkernels_C`` ops as ``cpu``, which route by device). On ``triton`` and ``cuda`` the codebook
+gradient and the per-code sums are float32 atomic adds, so their last bits may differ from run to run (the
+loss, z_q, grad_z and the counts are deterministic). Indices outside [0, K) raise ``IndexError`` on every
+backend (the GPU backends read the indices' min/max back to the host for it: one sync per op call).
 """
 from __future__ import annotations
 
@@ -51,8 +54,12 @@ MAX_CODES = 2**31 - 1
 #   code_usage: (indices (N,), num_codes)
 
 def _dtype_reason(t, allowed):
-    if t.dtype not in allowed:
-        return [f"dtype {t.dtype} is not one of {', '.join(str(d) for d in allowed)}"]
+    return _dtype_reason_of(t.dtype, allowed)
+
+
+def _dtype_reason_of(dtype, allowed):
+    if dtype not in allowed:
+        return [f"dtype {dtype} is not one of {', '.join(str(d) for d in allowed)}"]
     return []
 
 
@@ -78,8 +85,33 @@ def _triton_reasons(device: torch.device, dtype: torch.dtype | None) -> list[str
     return r
 
 
-def _no_cuda(device, op):
-    return [f"{op} has no CUDA C++ kernel yet (the triton backend runs it on CUDA tensors)"]
+_CUDA_OPS = ("vq_loss_fwd", "vq_loss_bwd", "code_stats", "code_usage")
+
+
+@_backend._constant_under_compile
+def _vq_loss_cuda_kernels_missing() -> tuple[str, ...]:
+    """The vq_loss ops this build of vqkernels._C has no CUDA kernel for (loads _C; cached)."""
+    _backend.c_extension()
+    return tuple(op for op in _CUDA_OPS
+                 if not (hasattr(torch.ops.vqkernels_C, op)  # (an unknown op name raises in the query)
+                         and torch._C._dispatch_has_kernel_for_dispatch_key(f"vqkernels_C::{op}", "CUDA")))
+
+
+def _cuda_reasons(device: torch.device, dtype: torch.dtype | None) -> list[str]:
+    r = []
+    if device.type != "cuda":
+        r.append(f"the cuda kernel takes CUDA tensors, got {device.type}")
+    if not _backend.has_cuda_kernels():
+        err = _backend.c_extension_error()
+        r.append("vqkernels._C was built without CUDA kernels" if err is None
+                 else f"vqkernels._C was not built ({err})")
+    else:
+        missing = _vq_loss_cuda_kernels_missing()
+        if missing:
+            r.append(f"this build of vqkernels._C has no CUDA kernel for {', '.join(missing)} (rebuild the package)")
+    if dtype is not None:
+        r += _dtype_reason_of(dtype, KERNEL_DTYPES)
+    return r
 
 
 @_backend.register(OP_LOSS, "torch")
@@ -99,7 +131,7 @@ def _loss_triton_reasons(z, codebook, indices):
 
 @_backend.register(OP_LOSS, "cuda")
 def _loss_cuda_reasons(z, codebook, indices):
-    return _no_cuda(z.device, OP_LOSS)
+    return _cuda_reasons(z.device, z.dtype)
 
 
 @_backend.register(OP_STATS, "torch")
@@ -119,7 +151,7 @@ def _stats_triton_reasons(z, indices, num_codes):
 
 @_backend.register(OP_STATS, "cuda")
 def _stats_cuda_reasons(z, indices, num_codes):
-    return _no_cuda(z.device, OP_STATS)
+    return _cuda_reasons(z.device, z.dtype)
 
 
 @_backend.register(OP_USAGE, "torch")
@@ -139,14 +171,18 @@ def _usage_triton_reasons(indices, num_codes):
 
 @_backend.register(OP_USAGE, "cuda")
 def _usage_cuda_reasons(indices, num_codes):
-    return _no_cuda(indices.device, OP_USAGE)
+    return _cuda_reasons(indices.device, None)
 
 
 # ---------------------------------------------------------------------------------------------
 # The implementations by backend name. z and grad_zq arrive as (B, T, D) views of the caller's
-# tensor, any strides (see _as_btd); indices as (B, T). The C++ kernels read and write that layout in
-# place (z_q and grad_z come back in z's layout, as torch.empty_like(z) gives it); the reference and
-# Triton work on a contiguous (N, D) copy and write the result into that layout.
+# tensor, any strides (see _as_btd); indices as (B, T). The C++ kernels (cpu and cuda: the same
+# torch.ops.vqkernels_C ops, which route by device) read and write that layout in place (z_q and grad_z
+# come back in z's layout, as torch.empty_like(z) gives it); the reference and Triton work on a
+# contiguous (N, D) copy and write the result into that layout.
+
+_C_BACKENDS = ("cpu", "cuda")  # the torch.ops.vqkernels_C ops; the dispatcher picks the kernel by device
+
 
 def _triton():
     from . import triton as tr
@@ -171,7 +207,7 @@ def _like(z: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
 
 def _fwd(backend, z, codebook, indices, scale):
     codebook = codebook.contiguous()
-    if backend == "cpu":
+    if backend in _C_BACKENDS:
         _backend.c_extension()
         return tuple(torch.ops.vqkernels_C.vq_loss_fwd(z, codebook, indices, scale))
     z2, i2 = _flat(z), indices.reshape(-1).contiguous()
@@ -186,7 +222,7 @@ def _fwd(backend, z, codebook, indices, scale):
 
 def _bwd(backend, grad_zq, grad_loss, z, codebook, indices, w_commit, w_codebook, need_z, need_cb):
     codebook = codebook.contiguous()
-    if backend == "cpu":
+    if backend in _C_BACKENDS:
         _backend.c_extension()
         return tuple(torch.ops.vqkernels_C.vq_loss_bwd(
             grad_zq, grad_loss, z, codebook, indices, w_commit, w_codebook, need_z, need_cb))
@@ -202,7 +238,7 @@ def _bwd(backend, grad_zq, grad_loss, z, codebook, indices, w_commit, w_codebook
 
 
 def _stats(backend, z, indices, num_codes):
-    if backend == "cpu":
+    if backend in _C_BACKENDS:
         _backend.c_extension()
         return tuple(torch.ops.vqkernels_C.code_stats(z, indices, num_codes))
     z2, i2 = _flat(z), indices.reshape(-1).contiguous()
@@ -217,7 +253,7 @@ def _usage(backend, indices, num_codes):
     indices = indices.contiguous()
     if backend == "torch":
         return code_usage_reference(indices, num_codes)
-    if backend == "cpu":
+    if backend in _C_BACKENDS:
         _backend.c_extension()
         return tuple(torch.ops.vqkernels_C.code_usage(indices, num_codes))
     if backend == "triton":
@@ -449,7 +485,7 @@ def vq_loss(
         beta: the weight of one of the two terms, placed as taming-transformers' ``VectorQuantizer2``:
             ``legacy=True`` (its default): ``loss = mean((sg[z_q] - z)^2) + beta * mean((z_q - sg[z])^2)``;
             ``legacy=False``: ``loss = beta * mean((sg[z_q] - z)^2) + mean((z_q - sg[z])^2)``.
-        backend: ``"torch"``, ``"cpu"``, ``"triton"`` or ``"auto"``/None (see :mod:`vqkernels._backend`).
+        backend: ``"torch"``, ``"cpu"``, ``"triton"``, ``"cuda"`` or ``"auto"``/None (see :mod:`vqkernels._backend`).
 
     Returns:
         ``z_q``: shape and dtype of ``z``, the value ``codebook[indices]``; its gradient passes to ``z``
