@@ -5,7 +5,6 @@ cpu kernel and the Triton kernel under its interpreter; on a GPU machine also th
 Triton compiled for the device. A backend that cannot run here is skipped with the reasons the
 dispatcher gives.
 """
-import os
 
 import pytest
 import torch
@@ -15,39 +14,21 @@ from vqkernels import BackendNotSupported, _backend, nearest_code
 from vqkernels.ops import nearest_code as nc
 from vqkernels.testing import check_nearest, exact_distances, make_inputs
 
-HAS_CUDA = torch.cuda.is_available()
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from helpers import BACKENDS, HAS_CUDA, device_for  # noqa: E402
+from helpers import require as require_op  # noqa: E402
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
-def device_for(backend: str) -> str:
-    if backend == "cuda":
-        if not HAS_CUDA:
-            pytest.skip("needs a CUDA GPU (the cuda backend runs on CUDA tensors only)")
-        return "cuda"
-    if backend == "cpu":
-        return "cpu"
-    if backend == "triton":
-        return "cpu" if INTERPRETED or not HAS_CUDA else "cuda"
-    return "cuda" if HAS_CUDA else "cpu"
-
-
 def require(backend, x, cb, metric="l2", allow_tf32=False):
-    """Skip, with the dispatcher's reasons, when ``backend`` cannot run on these inputs here."""
-    m = nc.METRICS[metric]
-    reasons = _backend.not_supported_reasons(nc.OP, backend, x.reshape(-1, x.shape[-1]), cb, m, allow_tf32)
-    if reasons:
-        if backend == "cuda" and not HAS_CUDA:
-            pytest.skip("needs a CUDA GPU: " + "; ".join(reasons))
-        pytest.skip(f"{backend} cannot run here: " + "; ".join(reasons))
+    """Skip, with the dispatcher's reasons, when ``backend`` cannot run nearest_code on these inputs here."""
+    require_op(nc.OP, backend, x.reshape(-1, x.shape[-1]), cb, nc.METRICS[metric], allow_tf32)
 
 
 def run(backend, x, cb, **kw):
     require(backend, x, cb, kw.get("metric", "l2"), kw.get("allow_tf32", False))
     return nearest_code(x, cb, backend=backend, return_distance=True, **kw)
 
-
-BACKENDS = ["torch", "cpu", "triton", "cuda"]
 
 # (N, K, D): D in 1, 3, 8, 255, 256, 1000; K from 1 to 65536; N including 0 and 1.
 SHAPES = [

@@ -6,7 +6,6 @@ EuclideanCodebook EMA arithmetic (one-hot einsum, lerp_, Laplace smoothing) for 
 test bodies run every backend that can run here (torch reference, C++ cpu, Triton under its
 interpreter on CPU or compiled on a GPU); a backend that cannot is skipped with the dispatcher's reasons.
 """
-import os
 
 import pytest
 import torch
@@ -18,30 +17,10 @@ from vqkernels.ops import vq_loss as vl
 from vqkernels.ops.vq_loss import reference as ref
 from vqkernels.testing import check_nearest, make_inputs
 
-HAS_CUDA = torch.cuda.is_available()
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-BACKENDS = ["torch", "cpu", "triton", "cuda"]
+from helpers import BACKENDS, device_for, require  # noqa: E402
+
 LOW = [torch.float16, torch.bfloat16]
 DTYPE_ID = lambda d: str(d).replace("torch.", "")  # noqa: E731
-
-
-def device_for(backend: str) -> str:
-    if backend == "cuda":
-        if not HAS_CUDA:
-            pytest.skip("needs a CUDA GPU (the cuda backend runs on CUDA tensors only)")
-        return "cuda"
-    if backend == "cpu":
-        return "cpu"
-    if backend == "triton":
-        return "cpu" if INTERPRETED or not HAS_CUDA else "cuda"
-    return "cuda" if HAS_CUDA else "cpu"
-
-
-def require(op: str, backend: str, *args):
-    """Skip, with the dispatcher's reasons, when ``backend`` cannot run ``op`` on these inputs here."""
-    reasons = _backend.not_supported_reasons(op, backend, *args)
-    if reasons:
-        pytest.skip(f"{backend} cannot run {op} here: " + "; ".join(reasons))
 
 
 def require_loss(backend, z, cb, idx):

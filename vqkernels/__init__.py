@@ -8,17 +8,15 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from ._backend import BACKENDS, BackendNotSupported, use_backend
+from .nn import VectorQuantize, VectorQuantizer
 from .ops.nearest_code import nearest_code
-from .ops.vq_loss import vq_loss  # noqa: E402
-from .ops.vq_loss import vector_quantize  # noqa: E402
-from .ops.vq_loss import ema_update_  # noqa: E402
-from .ops.vq_loss import ema_update_from_stats_  # noqa: E402
-from .ops.vq_loss import code_stats  # noqa: E402
-from .ops.vq_loss import code_usage  # noqa: E402
-from .nn import VectorQuantize, VectorQuantizer  # noqa: E402
+from .ops.vq_loss import code_stats, code_usage, ema_update_, ema_update_from_stats_, vector_quantize, vq_loss
 
-__all__ = ["BACKENDS", "BackendNotSupported", "info", "nearest_code", "use_backend", "__version__"]
-__all__ += ["VectorQuantize", "VectorQuantizer"]
+__all__ = [
+    "BACKENDS", "BackendNotSupported", "use_backend", "info", "__version__",
+    "nearest_code", "vq_loss", "vector_quantize", "ema_update_", "ema_update_from_stats_", "code_stats",
+    "code_usage", "VectorQuantizer", "VectorQuantize",
+]
 
 
 def info(as_text: bool = False):

@@ -1,0 +1,31 @@
+"""What every op's tests share: which device a backend's test runs on, and skipping with reasons."""
+import os
+
+import pytest
+import torch
+
+from vqkernels import _backend
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+BACKENDS = ["torch", "cpu", "triton", "cuda"]
+
+
+def device_for(backend: str) -> str:
+    """The device a test of ``backend`` runs on here (skips the cuda backend without a GPU)."""
+    if backend == "cuda":
+        if not HAS_CUDA:
+            pytest.skip("needs a CUDA GPU (the cuda backend runs on CUDA tensors only)")
+        return "cuda"
+    if backend == "cpu":
+        return "cpu"
+    if backend == "triton":
+        return "cpu" if INTERPRETED or not HAS_CUDA else "cuda"
+    return "cuda" if HAS_CUDA else "cpu"
+
+
+def require(op: str, backend: str, *args):
+    """Skip, with the dispatcher's reasons, when ``backend`` cannot run ``op`` on these inputs here."""
+    reasons = _backend.not_supported_reasons(op, backend, *args)
+    if reasons:
+        pytest.skip(f"{backend} cannot run {op} here: " + "; ".join(reasons))
