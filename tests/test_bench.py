@@ -1,4 +1,4 @@
-"""The benchmark runner's smoke run: --quick writes a stamped CSV/JSON (+ plot) and never crashes on a
+"""The benchmark runner's smoke runs: --quick writes a stamped CSV/JSON (+ plot) per op and never crashes on a
 provider that cannot run here (it is recorded as skipped, with its reason)."""
 import csv
 import json
@@ -11,18 +11,18 @@ STAMPS = ["date_utc", "device_name", "cpu_model", "cores", "git_sha", "python", 
 STATUSES = {"ok", "skipped", "too_big", "timeout", "error", "oom"}
 
 
-def _read(out):
-    with open(out / "nearest_code.csv", newline="") as f:
+def _read(out, op="nearest_code"):
+    with open(out / f"{op}.csv", newline="") as f:
         reader = csv.DictReader(f)
         header, rows = reader.fieldnames, list(reader)
-    with open(out / "nearest_code.json") as f:
+    with open(out / f"{op}.json") as f:
         data = json.load(f)
     return header, rows, data
 
 
 def test_quick_run_writes_stamped_results(tmp_path, capsys):
     out = tmp_path / "quick"
-    rc = runner.main(["--quick", "--device", "cpu", "--threads", "1", "--out", str(out)])
+    rc = runner.main(["--quick", "--ops", "nearest_code", "--device", "cpu", "--threads", "1", "--out", str(out)])
     assert rc == 0
     header, rows, data = _read(out)
     assert header == runner.CSV_COLUMNS
@@ -52,7 +52,8 @@ def test_quick_run_writes_stamped_results(tmp_path, capsys):
 def test_subprocess_measurement_reads_peak_memory(tmp_path):
     # One fresh subprocess: exercises the child protocol, the RSS baseline and the watchdog loop.
     out = tmp_path / "sub"
-    rc = runner.main(["--sizes", "2048x1024x16", "--providers", "taming", "--subprocess", "--repeats", "1",
+    rc = runner.main(["--ops", "nearest_code", "--sizes", "2048x1024x16", "--providers", "taming", "--subprocess",
+                      "--repeats", "1",
                       "--threads", "1", "--device", "cpu", "--no-plot", "--out", str(out)])
     assert rc == 0
     _, rows, data = _read(out)
@@ -76,7 +77,8 @@ def test_unavailable_provider_is_skipped_with_reason(tmp_path):
 
 def test_memory_cap_skips_full_matrix_providers(tmp_path):
     out = tmp_path / "cap"
-    rc = runner.main(["--sizes", "4096x4096x8", "--providers", "taming", "torch", "--device", "cpu",
+    rc = runner.main(["--ops", "nearest_code", "--sizes", "4096x4096x8", "--providers", "taming", "torch",
+                      "--device", "cpu",
                       "--in-process", "--repeats", "1", "--mem-cap-gb", "0.01", "--no-plot", "--out", str(out)])
     assert rc == 0
     _, rows, _ = _read(out)
@@ -90,3 +92,63 @@ def test_size_parsing(token, expect):
 
     s = runner._parse_size(nc, token)
     assert (s.N, s.K, s.D) == expect
+
+
+# ---------------------------------------------------------------------------------------------
+# The quantizer training-step suite
+
+def test_quantizer_quick_run(tmp_path, capsys):
+    from vqkernels.bench import quantizer as q
+
+    out = tmp_path / "q"
+    rc = runner.main(["--quick", "--ops", "quantizer", "--device", "cpu", "--threads", "1", "--out", str(out)])
+    assert rc == 0
+    assert not (out / "nearest_code.csv").exists()
+    header, rows, data = _read(out, "quantizer")
+    assert header == q.CSV_COLUMNS
+    assert {r["provider"] for r in rows} == set(q.CPU_PROVIDERS)
+    assert len(rows) == len(q.CPU_PROVIDERS) * len(q.default_cases("cpu", quick=True))
+    for r in rows:
+        assert r["op"] == "quantizer"
+        assert r["status"] in STATUSES, r
+        if r["status"] != "ok":
+            assert r["reason"], f"{r['provider']} {r['status']} without a reason"
+            continue
+        assert float(r["time_s"]) > 0 and float(r["tokens_per_s"]) > 0 and r["peak_mem_bytes"] != ""
+        # the same codebook and input: every module picks taming's codes
+        assert float(r["index_match_vs_taming"]) == 1.0, r
+        assert float(r["loss"]) > 0
+        if r["provider"] != "taming":
+            assert r["speedup_vs_taming"] != ""
+        for k in STAMPS:
+            assert r[k] != "", f"stamp {k} missing"
+    by = {(r["case"], r["provider"]): r for r in rows}
+    for (case, prov), r in by.items():
+        twin = q.TWINS.get(prov)
+        if twin and r["status"] == "ok" and by[(case, twin)]["status"] == "ok":
+            assert r["loss_twin"] == twin and float(r["loss_rel_diff"]) < 1e-5, r  # the same loss as its peer
+    assert (out / "quantizer.png").stat().st_size > 0
+    table = capsys.readouterr().out
+    assert "vqkernels vs taming" in table and "vqkernels-ema vs vqtorch-ema" in table
+
+
+def test_ops_default_to_every_suite_and_filter_by_provider():
+    args = runner.build_parser().parse_args([])
+    assert runner.plan_ops(args) == ["nearest_code", "quantizer"]
+    # with several ops, each takes the provider names it knows; an op that knows none is left out
+    args = runner.build_parser().parse_args(["--providers", "vqtorch-ema"])
+    assert runner.plan_ops(args) == ["quantizer"]
+    args = runner.build_parser().parse_args(["--providers", "faiss", "taming"])
+    assert runner.plan_ops(args) == ["nearest_code", "quantizer"]
+    args = runner.build_parser().parse_args(["--op", "nearest_code"])  # the old spelling
+    assert runner.plan_ops(args) == ["nearest_code"]
+    with pytest.raises(SystemExit):
+        runner.plan_ops(runner.build_parser().parse_args(["--providers", "nosuch"]))
+
+
+def test_list_shows_both_suites(capsys):
+    assert runner.main(["--list", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "providers (nearest_code)" in text and "providers (quantizer)" in text
+    assert "12288x1024x256 fp32" in text and "32768x16384x8 fp32" in text
+    assert "131072x16384x32" not in text.split("providers (quantizer)")[1].split("planned")[1]  # CPU: --large only

@@ -21,7 +21,13 @@ vectors/s = N / time. A provider that cannot run (not built, wrong device or dty
 matrices would exceed ``--mem-cap-gb``, or that passes ``--timeout`` is recorded as skipped, too big
 or timed out, with the reason, and the run goes on.
 
-Output (``--out``, default ``benchmarks/results/<date>-<device-slug>/``): ``<op>.csv``, ``<op>.json``
+The suites of ``--ops`` (default all: ``nearest_code``, then ``quantizer``, a training step of the
+quantizer modules) run one after the other with the same options; each op module
+(:mod:`vqkernels.bench.nearest_code`, :mod:`vqkernels.bench.quantizer`) supplies its providers, sizes and
+correctness check, and may supply its own CSV columns, ratios and table (``CSV_COLUMNS``, ``add_ratios``,
+``format_table``, ``check_call``, ``REFERENCE_PROVIDER``).
+
+Output (``--out``, default ``benchmarks/results/<date>-<device-slug>/``): per op ``<op>.csv``, ``<op>.json``
 (the same rows plus every timing and the stamps) and ``<op>.png``; a table is printed.
 """
 from __future__ import annotations
@@ -66,7 +72,9 @@ STAMP_COLUMNS = ["date_utc", "device_name", "cpu_model", "cores", "git_sha", "py
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The runner's options, added to ``p`` (the CLI's ``bench`` subparser, or our own parser)."""
-    p.add_argument("--op", default="nearest_code", choices=sorted(OPS), help="the op to benchmark")
+    p.add_argument("--ops", nargs="+", choices=sorted(OPS), default=None, metavar="OP",
+                   help=f"the ops whose suites run, in this order (default: all: {', '.join(OPS)})")
+    p.add_argument("--op", choices=sorted(OPS), default=None, help=argparse.SUPPRESS)  # old spelling of --ops OP
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: cuda when a GPU is present, else cpu (the suite's sizes follow the device)")
     p.add_argument("--sizes", nargs="+", metavar="SIZE",
@@ -166,12 +174,34 @@ def _parse_size(mod, token: str):
     return mod.Size(N, K, D, "command line")
 
 
-def plan_cases(args, mod, device: str):
-    """The cases (size, dtype, providers) this run measures."""
+def plan_ops(args) -> list[str]:
+    """The ops this run benchmarks: ``--ops`` (or the old ``--op``), default all; with several ops, an op that
+    knows none of the ``--providers`` or none of the ``--dtypes`` named is left out."""
+    ops = list(dict.fromkeys(args.ops or ([args.op] if args.op else list(OPS))))
+    if len(ops) == 1:
+        return ops
+    mods = {op: _op_module(op) for op in ops}
+    for flag, names, known in (("--providers", _split(args.providers), lambda m: m.PROVIDERS),
+                               ("--dtypes", _split(args.dtypes), lambda m: m.DTYPES)):
+        if not names:
+            continue
+        for n in names:
+            if not any(n in known(m) for m in mods.values()):
+                raise SystemExit(f"{flag}: {n!r} is not known to any of the ops {', '.join(ops)}")
+        ops = [op for op in ops if any(n in known(mods[op]) for n in names)]
+    return ops
+
+
+def plan_cases(args, mod, device: str, lenient: bool = False):
+    """The cases (size, dtype, providers) this run measures. ``lenient`` (a run of several ops): take the
+    ``--providers`` and ``--dtypes`` this op knows and ignore the others (:func:`plan_ops` checked them)."""
     dtypes = _split(args.dtypes)
+    providers = _split(args.providers)
+    if lenient:
+        dtypes = [d for d in dtypes if d in mod.DTYPES]
+        providers = [n for n in providers if n in mod.PROVIDERS]
     for d in dtypes:
         mod.dtype_of(d)  # validate early
-    providers = _split(args.providers)
     for name in providers:
         if name not in mod.PROVIDERS:
             raise SystemExit(f"unknown provider {name!r}; expected some of {', '.join(mod.PROVIDERS)}")
@@ -464,11 +494,15 @@ def measure(spec: dict) -> dict:
                warmup=spec["warmup"], vectors_per_s=N / t_med, gflops=mod.flops(N, K, D) / t_med / 1e9,
                peak_mem_bytes=peak, peak_mem_mb=peak / 2**20, mem_method=meter.method)
 
-    # Correctness of the last result, after the memory reading (the check allocates).
+    # Correctness of the last result, after the memory reading (the check allocates). An op module may
+    # say which result to check (check_call: indices + extra values) and whose answer is the reference.
     if spec["check"] and prov.returns_indices:
         try:
-            ref = _reference(mod, spec, x, cb, out if spec["provider"] == "torch" else None)
-            res["correct_frac"] = mod.correct_fraction(x, cb, out, ref)
+            idx, info = (mod.check_call(prov, x, cb, fn, out) if hasattr(mod, "check_call") else (out, {}))
+            res.update(info)
+            own = spec["provider"] == getattr(mod, "REFERENCE_PROVIDER", "torch")
+            ref = _reference(mod, spec, x, cb, idx if own else None)
+            res["correct_frac"] = mod.correct_fraction(x, cb, idx, ref)
         except Exception as e:  # noqa: BLE001
             res["correct_frac"] = None
             res["reason"] = f"correctness check failed: {type(e).__name__}: {e}"[:500]
@@ -528,7 +562,7 @@ def _child_env(threads: int, allow_interpreter: bool) -> dict:
 
 def _run_subprocess(spec: dict, timeout: float, rss_cap: int | None, workdir: Path) -> dict:
     """One measurement in a fresh interpreter, killed past ``timeout`` or past ``rss_cap`` bytes of RSS."""
-    tag = f"{spec['provider']}-{spec['N']}x{spec['K']}x{spec['D']}-{spec['dtype']}-t{spec['threads']}"
+    tag = f"{spec['op']}-{spec['provider']}-{spec['N']}x{spec['K']}x{spec['D']}-{spec['dtype']}-t{spec['threads']}"
     spec_path, out_path = workdir / f"{tag}.spec.json", workdir / f"{tag}.out.json"
     spec_path.write_text(json.dumps(spec))
     out_path.unlink(missing_ok=True)
@@ -571,6 +605,7 @@ def _fmt_time(t):
 
 
 def run_suite(args, mod, device: str, cases, threads_list, workdir: Path, log=print) -> list[dict]:
+    op = mod.OP
     rows = []
     n_jobs = sum(len(c.providers) for c in cases) * len(threads_list)
     j = 0
@@ -580,7 +615,7 @@ def run_suite(args, mod, device: str, cases, threads_list, workdir: Path, log=pr
             for name in case.providers:
                 j += 1
                 prov = mod.PROVIDERS[name]
-                row = {"op": args.op, "case": case.label, "N": s.N, "K": s.K, "D": s.D, "dtype": case.dtype,
+                row = {"op": op, "case": case.label, "N": s.N, "K": s.K, "D": s.D, "dtype": case.dtype,
                        "provider": name, "kind": prov.kind, "device": prov.data_device or device,
                        "threads": threads}
                 # Cheap checks here, so an unavailable provider costs no subprocess.
@@ -593,7 +628,7 @@ def run_suite(args, mod, device: str, cases, threads_list, workdir: Path, log=pr
                            "reason": f"its N x K matrices need ~{need / 2**30:.1f} GiB, over the memory cap "
                                      f"{args.mem_cap_bytes / 2**30:.1f} GiB (--mem-cap-gb)"}
                 else:
-                    spec = {"op": args.op, "provider": name, "N": s.N, "K": s.K, "D": s.D, "dtype": case.dtype,
+                    spec = {"op": op, "provider": name, "N": s.N, "K": s.K, "D": s.D, "dtype": case.dtype,
                             "device": device, "threads": threads, "seed": args.seed, "repeats": args.repeats,
                             "warmup": args.warmup, "min_time": args.min_time, "check": args.check,
                             "ref_cache": str(workdir), "allow_interpreter": args.allow_interpreter}
@@ -613,11 +648,16 @@ def run_suite(args, mod, device: str, cases, threads_list, workdir: Path, log=pr
                             torch.set_num_threads(saved_threads)
                 row.update(res)
                 rows.append(row)
-                shown = (f"{_fmt_time(row.get('time_s'))}, {row.get('gflops', 0):.0f} GFLOP/s, "
-                         f"{row.get('peak_mem_mb', 0):.1f} MB" if row["status"] == "ok"
-                         else f"{row['status']}: {row['reason'][:110]}")
+                if hasattr(mod, "progress_line"):
+                    shown = mod.progress_line(row)
+                else:
+                    shown = (f"{_fmt_time(row.get('time_s'))}, {row.get('gflops', 0):.0f} GFLOP/s, "
+                             f"{row.get('peak_mem_mb', 0):.1f} MB" if row["status"] == "ok"
+                             else f"{row['status']}: {row['reason'][:110]}")
                 log(f"[{j}/{n_jobs}] {name:>13} {case.label:<22} t={threads}  {shown}")
     _add_ratios(rows)
+    if hasattr(mod, "add_ratios"):
+        mod.add_ratios(rows)
     return rows
 
 
@@ -647,17 +687,18 @@ def _add_ratios(rows):
 # =============================================================================================
 # Output: CSV, JSON, plot, table
 
-def write_outputs(rows, meta, out_dir: Path, op: str, plot: bool) -> dict:
+def write_outputs(rows, meta, out_dir: Path, op: str, plot: bool, columns=None) -> dict:
+    columns = columns or CSV_COLUMNS
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"csv": out_dir / f"{op}.csv", "json": out_dir / f"{op}.json"}
     with open(paths["csv"], "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             row = {**{k: meta.get(k) for k in STAMP_COLUMNS}, "isolation": meta["isolation"], **r}
-            w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in CSV_COLUMNS})
+            w.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
     with open(paths["json"], "w") as f:
-        json.dump({"meta": meta, "columns": CSV_COLUMNS, "results": rows}, f, indent=1, default=str)
+        json.dump({"meta": meta, "columns": columns, "results": rows}, f, indent=1, default=str)
     if plot:
         try:
             paths["png"] = out_dir / f"{op}.png"
@@ -670,7 +711,8 @@ def write_outputs(rows, meta, out_dir: Path, op: str, plot: bool) -> dict:
 
 # One colour per provider in every plot (tab10 indices), so plots of different runs read alike.
 PLOT_COLORS = {"cpu": 3, "cuda": 3, "triton": 1, "torch": 2, "taming": 0, "vqtorch": 4, "faiss": 5,
-               "torch_mm": 7, "cublas_matmul": 7}
+               "torch_mm": 7, "cublas_matmul": 7,
+               "vqkernels": 3, "vqkernels-torch": 2, "vqkernels-ema": 6, "vqtorch-ema": 8}
 
 
 def plot_times(rows, meta, path: Path, op: str) -> None:
@@ -753,9 +795,10 @@ def format_table(rows, meta) -> str:
 
 
 def run(args) -> int:
-    """Run the suite described by ``args`` (from :func:`add_arguments`); returns an exit status."""
+    """Run the suites described by ``args`` (from :func:`add_arguments`), one op after the other; returns an
+    exit status (1 when some measurement failed and none ran)."""
     argv_repr = " ".join(sys.argv)
-    mod = _op_module(args.op)
+    ops = plan_ops(args)
     device = _resolve_device(args.device)
     if device == "cuda":
         import torch
@@ -772,24 +815,42 @@ def run(args) -> int:
     if args.isolate is None:
         args.isolate = not args.quick
     args.mem_cap_bytes = int(args.mem_cap_gb * 2**30) if args.mem_cap_gb else default_mem_cap(device)
-    cases = plan_cases(args, mod, device)
+    mods = {op: _op_module(op) for op in ops}
+    plans = {op: plan_cases(args, mods[op], device, lenient=len(ops) > 1) for op in ops}
     threads_list = plan_threads(args)
 
     if args.list:
-        print(f"providers ({args.op}):")
-        for p in mod.PROVIDERS.values():
-            print(f"  {p.name:<14}{p.kind:<10}{p.doc}")
-        print("named sizes:")
-        for n, s in mod.SIZES.items():
-            print(f"  {n:<12}{s.label:<20}{s.note}")
-        print(f"planned on {device}, threads {threads_list}:")
-        for c in cases:
-            print(f"  {c.label:<24}{', '.join(c.providers)}")
+        for op in ops:
+            _print_plan(op, mods[op], plans[op], device, threads_list)
         return 0
 
     meta = collect_meta(device, args, argv_repr)
     out_dir = args.out or default_out_dir(meta)
-    print(f"vqkernels bench: {args.op} on {meta['device_name']} ({device}), threads {threads_list}, "
+    all_rows = []
+    for i, op in enumerate(ops):
+        if i:
+            print()
+        all_rows += run_op(args, op, mods[op], plans[op], device, threads_list, meta, out_dir)
+    bad = [r for r in all_rows if r["status"] in ("error", "oom")]
+    return 1 if bad and not any(r["status"] == "ok" for r in all_rows) else 0
+
+
+def _print_plan(op, mod, cases, device, threads_list) -> None:
+    print(f"providers ({op}):")
+    w = max([14] + [len(p.name) + 2 for p in mod.PROVIDERS.values()])
+    for p in mod.PROVIDERS.values():
+        print(f"  {p.name:<{w}}{p.kind:<10}{p.doc}")
+    print("named sizes:")
+    for n, s in mod.SIZES.items():
+        print(f"  {n:<12}{s.label:<20}{s.note}")
+    print(f"planned on {device}, threads {threads_list}:")
+    for c in cases:
+        print(f"  {c.label:<24}{', '.join(c.providers)}")
+
+
+def run_op(args, op, mod, cases, device, threads_list, meta, out_dir: Path) -> list[dict]:
+    """One op's suite: measure its cases, write ``<op>.csv/.json/.png`` into ``out_dir``, print its table."""
+    print(f"vqkernels bench: {op} on {meta['device_name']} ({device}), threads {threads_list}, "
           f"{args.repeats} repeats; {'subprocess per measurement' if args.isolate else 'in-process'}; "
           f"memory cap {args.mem_cap_bytes / 2**30:.1f} GiB")
     workdir = Path(tempfile.mkdtemp(prefix="vqkernels-bench-"))
@@ -797,12 +858,11 @@ def run(args) -> int:
         rows = run_suite(args, mod, device, cases, threads_list, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    paths = write_outputs(rows, meta, out_dir, args.op, args.plot)
+    paths = write_outputs(rows, meta, out_dir, op, args.plot, getattr(mod, "CSV_COLUMNS", None))
     print()
-    print(format_table(rows, meta))
+    print(mod.format_table(rows, meta) if hasattr(mod, "format_table") else format_table(rows, meta))
     print("\nwrote " + ", ".join(str(p) for p in paths.values()))
-    bad = [r for r in rows if r["status"] in ("error", "oom")]
-    return 1 if bad and not any(r["status"] == "ok" for r in rows) else 0
+    return rows
 
 
 if __name__ == "__main__":
