@@ -139,8 +139,12 @@ class QuantizerCore:
 
     # -----------------------------------------------------------------------------------------
     def __call__(self, z: torch.Tensor, t: CodebookTensors, *, training: bool):
-        """z (N, D) any float dtype -> (z_q (N, D) in z's dtype, loss float32 0-d, indices int64 (N,))."""
-        if z.dim() != 2 or z.shape[1] != self.dim:
+        """z (..., D) any float dtype and strides -> (z_q (..., D) in z's dtype, loss float32 0-d, indices (...)).
+
+        z may be a strided view (e.g. a (B, C, H, W) map permuted to (B, H, W, C)): the ops read it in
+        place and return z_q and its gradient in z's layout, so no layout copy is made here.
+        """
+        if z.dim() < 2 or z.shape[-1] != self.dim:
             raise ValueError(f"the quantizer expects vectors of size {self.dim}, got input of shape {tuple(z.shape)}")
         in_dtype = z.dtype
         with torch.autocast(device_type=z.device.type, enabled=False):
@@ -148,7 +152,7 @@ class QuantizerCore:
             if self.cosine:
                 z = l2norm(z)
             if training and self.kmeans_init and t.initted is not None and not bool(t.initted):
-                self.kmeans_init_(z.detach(), t)
+                self.kmeans_init_(z.detach().reshape(-1, self.dim), t)
             cb = t.embed if self.learnable else t.embed.detach()
             cb = cb.float()
             updates = training and self.track_stats
@@ -197,7 +201,7 @@ class QuantizerCore:
         num_dead = int(dead.sum())
         if num_dead == 0:
             return
-        samples = l2norm(z) if self.cosine else z
+        samples = (l2norm(z) if self.cosine else z).reshape(-1, self.dim)
         n = D.total_rows(samples.shape[0], samples.device, sync)
         if n == 0:
             return

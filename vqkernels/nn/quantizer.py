@@ -164,13 +164,16 @@ class VectorQuantizer(nn.Module):
         if z.dim() != 4 or z.shape[1] != self.e_dim:
             raise ValueError(f"VectorQuantizer expects z of shape (B, {self.e_dim}, H, W), got {tuple(z.shape)}")
         B, C, H, W = z.shape
-        zf = z.permute(0, 2, 3, 1).reshape(-1, C)  # (B*H*W, C)
+        # (B, H, W, C) as a view: the ops read the channel-first map in place and return z_q (and, in
+        # backward, the gradient of z) in the same layout, so neither direction copies the map
+        zf = z.permute(0, 2, 3, 1)
         if self.project_in is not None:
             zf = self.project_in(zf)
         z_q, loss, min_encoding_indices = self._core(zf, self._tensors(), training=self.training)
+        min_encoding_indices = min_encoding_indices.reshape(-1)  # (B*H*W,), as taming
         if self.project_out is not None:
             z_q = self.project_out(z_q)
-        z_q = z_q.reshape(B, H, W, C).permute(0, 3, 1, 2).contiguous()
+        z_q = z_q.permute(0, 3, 1, 2).contiguous()  # a no-op when z_q kept z's channel-first layout
         _, perplexity = code_usage(min_encoding_indices, self.n_e, backend=self._core.backend)
 
         if self.remap is not None:
