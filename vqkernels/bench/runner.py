@@ -240,15 +240,7 @@ def default_mem_cap(device: str) -> int:
 # =============================================================================================
 # Stamps
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from .._info import _cpu_model  # noqa: E402  (one reader of the CPU model, shared with vqkernels.info)
 
 
 def _cpu_isa() -> str:
