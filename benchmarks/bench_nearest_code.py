@@ -26,21 +26,16 @@ import pytest
 import torch
 
 from vqkernels.bench import nearest_code as nc
-from vqkernels.bench.runner import _MemoryMeter, _parse_size, _set_threads, _usable_cores
+from vqkernels.bench.runner import _parse_size
+
+from _common import bench_device, measured_call, rounds, set_bench_threads, skip_over_memory_cap, synchronized
 
 # Small enough for 2 CPU cores, shaped like the real ones (taming's size is small already).
 SMALL = [nc.SIZES["taming"], nc.Size(4096, 4096, 8, "LlamaGen-like, small"), nc.Size(8192, 2048, 64, "small D=64")]
 
 
-def _device() -> str:
-    want = os.environ.get("VQKERNELS_BENCH_DEVICE", "auto")
-    if want == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return want
-
-
 def _cases():
-    device = _device()
+    device = bench_device()
     sizes_env = os.environ.get("VQKERNELS_BENCH_SIZES", "small").strip()
     dtypes = [d for d in os.environ.get("VQKERNELS_BENCH_DTYPES", "fp32").split(",") if d]
     provs = nc.CUDA_PROVIDERS if device == "cuda" else nc.CPU_PROVIDERS
@@ -50,7 +45,7 @@ def _cases():
     return [(s, d, p) for s in sizes for d in dtypes for p in provs]
 
 
-DEVICE = _device()
+DEVICE = bench_device()
 CASES = _cases()
 _REF = {}  # reference indices per input, shared by the providers of one size
 
@@ -65,28 +60,16 @@ def test_nearest_code(benchmark, size, dtype, provider):
     reasons = prov.reasons(N, K, D, dtype, device)
     if reasons:
         pytest.skip("; ".join(reasons))
-    cap = int(0.9 * torch.cuda.get_device_properties(0).total_memory) if device == "cuda" else \
-        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-    if nc.nk_bytes(prov, N, K, dtype) > cap:
-        pytest.skip(f"its N x K matrices need more than the memory cap ({cap / 2**30:.1f} GiB)")
-    _set_threads(int(os.environ.get("VQKERNELS_BENCH_THREADS", _usable_cores())))
+    skip_over_memory_cap(nc.nk_bytes(prov, N, K, dtype), device)
+    set_bench_threads()
     benchmark.group = f"nearest_code {size.label} {dtype}"
 
     x, cb = nc.make_inputs(N, K, D, dtype, device, seed=0)
     fn = prov.build(x, cb)
-    if device == "cuda":
-        def call():
-            out = fn()
-            torch.cuda.synchronize()
-            return out
-    else:
-        call = fn
+    call = synchronized(fn, device)
 
     # One untimed call for the peak memory and the correctness check; it also warms the provider.
-    meter = _MemoryMeter(device)
-    meter.start()
-    out = call()
-    peak = meter.peak()
+    out, peak, mem_method = measured_call(call, device)
     correct = None
     if prov.returns_indices:
         key = (N, K, D, dtype, device)
@@ -95,14 +78,13 @@ def test_nearest_code(benchmark, size, dtype, provider):
         correct = nc.correct_fraction(x, cb, out, _REF[key])
     del out
 
-    rounds = int(os.environ.get("VQKERNELS_BENCH_ROUNDS", "5"))
-    benchmark.pedantic(call, rounds=rounds, warmup_rounds=1, iterations=1)
+    benchmark.pedantic(call, rounds=rounds(), warmup_rounds=1, iterations=1)
 
     median = benchmark.stats.stats.median
     benchmark.extra_info.update(
         provider=provider, kind=prov.kind, device=device, N=N, K=K, D=D, dtype=dtype,
         threads=torch.get_num_threads(), gflops=nc.flops(N, K, D) / median / 1e9, vectors_per_s=N / median,
-        peak_mem_bytes=peak, mem_method=meter.method, correct_frac=correct,
+        peak_mem_bytes=peak, mem_method=mem_method, correct_frac=correct,
     )
     if correct is not None:
         assert correct > 0.99 or dtype != "fp32", f"{provider} answered only {correct:.4f} of the rows correctly"

@@ -22,21 +22,16 @@ import pytest
 import torch
 
 from vqkernels.bench import quantizer as q
-from vqkernels.bench.runner import _MemoryMeter, _parse_size, _set_threads, _usable_cores
+from vqkernels.bench.runner import _parse_size
+
+from _common import bench_device, measured_call, rounds, set_bench_threads, skip_over_memory_cap, synchronized
 
 # Small enough for 2 CPU cores, shaped like the suite's (tokens on 16 x 16 grids).
 SMALL = [q.Size(3072, 1024, 256, "taming-like, 12 images"), q.Size(4096, 4096, 8, "LlamaGen-like, small")]
 
 
-def _device() -> str:
-    want = os.environ.get("VQKERNELS_BENCH_DEVICE", "auto")
-    if want == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return want
-
-
 def _cases():
-    device = _device()
+    device = bench_device()
     sizes_env = os.environ.get("VQKERNELS_BENCH_SIZES", "small").strip()
     provs = q.CUDA_PROVIDERS if device == "cuda" else q.CPU_PROVIDERS
     if sizes_env == "suite":
@@ -45,7 +40,7 @@ def _cases():
     return [(s, p) for s in sizes for p in provs]
 
 
-DEVICE = _device()
+DEVICE = bench_device()
 CASES = _cases()
 _REF = {}  # taming's indices per input, shared by the providers of one size
 
@@ -58,34 +53,21 @@ def test_quantizer_step(benchmark, size, provider):
     reasons = prov.reasons(N, K, D, "fp32", device)
     if reasons:
         pytest.skip("; ".join(reasons))
-    cap = int(0.9 * torch.cuda.get_device_properties(0).total_memory) if device == "cuda" else \
-        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-    if q.nk_bytes(prov, N, K, "fp32") > cap:
-        pytest.skip(f"its N x K matrices need more than the memory cap ({cap / 2**30:.1f} GiB)")
-    _set_threads(int(os.environ.get("VQKERNELS_BENCH_THREADS", _usable_cores())))
+    skip_over_memory_cap(q.nk_bytes(prov, N, K, "fp32"), device)
+    set_bench_threads()
     benchmark.group = f"quantizer step {size.label}"
 
     # A tiny step first (loads lazy libraries, starts the thread pools), so the memory reading sees the step alone.
     prov.build(*q.make_inputs(min(N, 64), min(K, 64), D, "fp32", device, seed=1))()
     x, cb = q.make_inputs(N, K, D, "fp32", device, seed=0)
     fn = prov.build(x, cb)
-    if device == "cuda":
-        def call():
-            out = fn()
-            torch.cuda.synchronize()
-            return out
-    else:
-        call = fn
+    call = synchronized(fn, device)
 
     # One untimed step for the peak memory; it also warms the provider.
-    meter = _MemoryMeter(device)
-    meter.start()
-    out = call()
-    peak = meter.peak()
+    out, peak, mem_method = measured_call(call, device)
     del out
 
-    rounds = int(os.environ.get("VQKERNELS_BENCH_ROUNDS", "5"))
-    benchmark.pedantic(call, rounds=rounds, warmup_rounds=1, iterations=1)
+    benchmark.pedantic(call, rounds=rounds(), warmup_rounds=1, iterations=1)
 
     # Correctness on the initial codebook, by a fresh module (the EMA variants moved theirs while timed).
     idx, loss = prov.build(x, cb)()
@@ -99,7 +81,7 @@ def test_quantizer_step(benchmark, size, provider):
     median = benchmark.stats.stats.median
     benchmark.extra_info.update(
         provider=provider, kind=prov.kind, device=device, N=N, K=K, D=D, dtype="fp32",
-        threads=torch.get_num_threads(), tokens_per_s=N / median, peak_mem_bytes=peak, mem_method=meter.method,
+        threads=torch.get_num_threads(), tokens_per_s=N / median, peak_mem_bytes=peak, mem_method=mem_method,
         index_match_vs_taming=match, loss=float(loss),
     )
     assert match > 0.99, f"{provider} chose taming's code for only {match:.4f} of the tokens"
