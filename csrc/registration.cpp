@@ -4,6 +4,8 @@
 #include <pybind11/pybind11.h>
 #include <string>
 
+#include "cpu/search.h"
+
 TORCH_LIBRARY(vqkernels_C, m) {
   // x (N, D), codebook (K, D), both contiguous and of one dtype (float32, float16, bfloat16).
   // Returns (indices int64 (N,), distance float32 (N,)); see csrc/common.h for the metric ids.
@@ -17,6 +19,10 @@ TORCH_LIBRARY(vqkernels_C, m) {
   //           grad_codebook[k] = 2 w_codebook grad_loss / (N D) * sum_{idx[n]=k} (z_q[n] - z[n])   ((K, D) or (0,))
   m.def("vq_loss_bwd(Tensor grad_zq, Tensor grad_loss, Tensor z, Tensor codebook, Tensor indices, float w_commit, "
         "float w_codebook, bool need_grad_z, bool need_grad_codebook) -> (Tensor, Tensor)");
+  // The fused forward of vector_quantize (csrc/cpu/vq_fused.cpp, CPU only): z (N, D) or (B, T, D) float32, any
+  // strides; codebook (K, D) float32. (z_q = codebook[indices] in z's layout, loss = scale * sum (z_q - z)^2 0-d,
+  // indices int64 of z's leading shape: nearest_code's with this metric id). The backward is vq_loss_bwd.
+  m.def("vector_quantize_fwd(Tensor z, Tensor codebook, int metric, float scale) -> (Tensor, Tensor, Tensor)");
   // Per-code statistics of the assigned vectors: (counts float32 (K,), sums float32 (K, D)).
   m.def("code_stats(Tensor z, Tensor indices, int num_codes) -> (Tensor, Tensor)");
   // Histogram of indices and taming's perplexity: (counts int64 (K,), perplexity float32 0-d).
@@ -45,4 +51,19 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "vqkernels C++/CUDA kernels; the ops are registered under torch.ops.vqkernels_C";
   m.def("build_info", &build_info, "Which kernels this build of _C holds");
+  m.def("cpu_features", [] {
+    pybind11::dict d;
+    d["avx512"] = vqkernels::cpu::has_avx512();
+    d["avx512_bf16"] = vqkernels::cpu::has_avx512_bf16();
+    return d;
+  }, "The CPU features the C++ CPU kernels use here (after the VQKERNELS_CPU_NO_* overrides)");
+  m.def("search_stats", [] {
+    const auto s = vqkernels::cpu::search_stats();
+    pybind11::dict d;
+    d["screened_rows"] = s.screened_rows;
+    d["rescored"] = s.rescored;
+    d["plain_rows"] = s.plain_rows;
+    return d;
+  }, "Counters of the CPU fp32 search since the process started: rows through the bf16 screen, codes "
+     "rescored exactly there, rows through the plain fp32 kernel");
 }

@@ -22,6 +22,18 @@
 //  * Cache blocking: a task owns kBlockRows rows (fixed blocks, so results do not depend on the
 //    thread count) and walks the codebook in L2-sized chunks (kChunkBytes); each chunk is swept by
 //    every group of R rows of the block while it sits in L2.
+//  * bf16 screen for float32 (D >= kScreenMinD, on CPUs with avx512_bf16): the same register tiles
+//    run on bf16 copies of the rows and codes (vdpbf16ps: twice the fp32 FMA rate), giving for every
+//    code a *lower bound* of its exact fp32 score: the bf16 estimate minus a rigorous error bound,
+//    kappa * ||x|| * ||c|| + kappa2 * ||c||^2 + slack (bf16 rounding of both operands is at most 2^-8
+//    relative per element, so |<x~,c~> - <x,c>| <= (2^-7 + 2^-16) sum |x_i c_i| <= ... ||x|| ||c||;
+//    kappa also covers the fp32 accumulation of both the estimate and the exact score; see
+//    screen_constants). Only the codes whose bound is strictly below the row's best exact score so far
+//    are scored exactly in fp32 (rescore_rows); every other code provably scores higher. The result is
+//    therefore the exact argmin of the fp32 scores (lowest index on ties: codes are visited in index
+//    order), not an approximation; with random codes ~5-15 codes per row are rescored. Rows whose
+//    norm is not finite or above 2^50 (and codebooks with such a code) skip the screen: those rows are
+//    scanned exactly, those codebooks take the plain fp32 kernel. VQKERNELS_CPU_NO_SCREEN=1 turns it off.
 //  * bfloat16: the same kernel with vdpbf16ps (avx512_bf16): exact bf16 products summed in fp32,
 //    ~2x the fp32 rate. Without avx512_bf16 (or AVX-512) the portable path widens to fp32.
 //  * float16: converted to float32 up front (one (N, D) + (K, D) fp32 copy), then the fp32 path.
@@ -57,6 +69,7 @@
 #endif
 
 #include "common.h"
+#include "search.h"
 
 namespace vqkernels {
 namespace {
@@ -252,6 +265,22 @@ VQK_AVX512 float sqnorm_bf16(const c10::BFloat16* p, int64_t D) {
   return hsum16(a0);
 }
 
+// <x, c> in fp32, one fixed order (two 16-lane FMA chains over d, a masked tail, a tree reduction):
+// the exact score of the screened path (rescore_rows), the same bits wherever it is called.
+VQK_AVX512 float dot_exact(const float* x, const float* c, int64_t D) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  int64_t d = 0;
+  for (; d + 32 <= D; d += 32) {
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + d), _mm512_loadu_ps(c + d), a0);
+    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + d + 16), _mm512_loadu_ps(c + d + 16), a1);
+  }
+  for (; d < D; d += 16) {
+    const __mmask16 m = (D - d) >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - d)) - 1u);
+    a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x + d), _mm512_maskz_loadu_ps(m, c + d), a0);
+  }
+  return hsum16(_mm512_add_ps(a0, a1));
+}
+
 // The micro-kernels, compiled twice: for AVX-512 (fp32) and AVX-512 + avx512_bf16 (bf16), so the
 // fp32 path never carries bf16 instructions. See nearest_code_kernels.h.
 #define VQK_TARGET VQK_AVX512
@@ -319,6 +348,330 @@ void run_micro(const T* x, int64_t ldx, int64_t D, const T* panels, const float*
     }
   }
 }
+
+// ---------------------------------------------------------------------------------------------
+// The fp32 search (search.h): plain fp32 register tiles, or the bf16 screen + exact rescoring.
+
+constexpr int64_t kScreenMinD = 32;   // below, the screen's epilogue costs more than the bf16 dots save
+constexpr int64_t kScreenMaxD = 1 << 20;
+constexpr int kScreenRows = 4;        // rows per screened micro-kernel call
+constexpr float kTameNorm2 = 0x1p100f;  // rows / codes with ||.||^2 above this (or not finite) skip the screen
+
+// The lower bound's constants for dimension D (see the header): u = 2^-8 (bf16 rounding),
+// g = gamma_{D+8} (fp32 sums of D terms, either order, plus the reduction tree).
+struct ScreenConsts {
+  float kappa, kappa2, slack;
+};
+ScreenConsts screen_constants(int64_t D) {
+  const double u = std::ldexp(1.0, -8), u32 = std::ldexp(1.0, -24);
+  const double n = double(D) + 8.0;
+  const double g = n * u32 / (1.0 - n * u32);
+  return {float(1.02 * 2.0 * (2.0 * u + u * u) + 16.0 * g + 16.0 * u32), float(8.0 * g + 8.0 * u32),
+          std::ldexp(1.0f, -40)};
+}
+
+std::atomic<int64_t> g_screened_rows{0}, g_rescored{0}, g_plain_rows{0};
+
+// Round-to-nearest-even fp32 -> bf16 of one row, zero-padded to Dp.
+VQK_AVX512BF16 void row_to_bf16(const float* x, int64_t D, int64_t Dp, c10::BFloat16* out) {
+  int64_t d = 0;
+  for (; d + 32 <= D; d += 32) {
+    const __m512bh v = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + d + 16), _mm512_loadu_ps(x + d));
+    _mm512_storeu_si512(out + d, (__m512i)v);
+  }
+  for (; d < Dp; ++d) out[d] = d < D ? c10::BFloat16(x[d]) : c10::BFloat16(0.f);
+}
+
+// Pack codes [k0, k0+32) of an fp32 codebook into one bf16 panel [Dp/2][32][2] (zero padding).
+void pack_panel_f32_to_bf16(const float* cb, int64_t K, int64_t D, int64_t Dp, int64_t k0, c10::BFloat16* out) {
+  const int64_t nk = std::min(kPanel, K - k0);
+  const c10::BFloat16 zero(0.f);
+  for (int64_t i = 0; i < Dp / 2; ++i) {
+    c10::BFloat16* o = out + i * 2 * kPanel;
+    for (int64_t j = 0; j < kPanel; ++j) {
+      const bool in = j < nk;
+      const int64_t d0 = 2 * i, d1 = 2 * i + 1;
+      o[2 * j] = (in && d0 < D) ? c10::BFloat16(cb[(k0 + j) * D + d0]) : zero;
+      o[2 * j + 1] = (in && d1 < D) ? c10::BFloat16(cb[(k0 + j) * D + d1]) : zero;
+    }
+  }
+}
+
+VQK_AVX512 float exact_score(const float* x, const float* c, int64_t D, float alpha, float bias) {
+  return std::fmaf(alpha, dot_exact(x, c, D), bias);
+}
+
+#endif  // VQK_X86
+
+}  // namespace
+
+namespace cpu {
+
+bool has_avx512() { return cpu_avx512(); }
+bool has_avx512_bf16() { return cpu_avx512_bf16(); }
+
+void parallel_blocks(int64_t nblocks, double work,
+                     const std::function<void(const std::function<int64_t()>&)>& worker) {
+  vqkernels::parallel_blocks(nblocks, work, worker);
+}
+
+SearchStats search_stats() {
+#if VQK_X86 && defined(__GNUC__)
+  return {g_screened_rows.load(), g_rescored.load(), g_plain_rows.load()};
+#else
+  return {0, 0, 0};
+#endif
+}
+
+struct Fp32Search::Impl {
+  int64_t K = 0, D = 0, metric = 0, NP = 0, Kp = 0, Dp = 0, chunk_panels = 1;
+  float alpha = -2.f;
+  bool screen = false;
+  at::Tensor cb_keep;
+  const float* cb = nullptr;
+  std::vector<float> packed;              // plain: fp32 panels [NP][D][32]
+  std::vector<c10::BFloat16> packed_b;    // screen: bf16 panels [NP][Dp/2][32][2]
+  std::vector<float> bias, lbias, amar;   // per code (padded to Kp)
+  // l2 screen: rows and codes are centred on the codebook mean mu (distances unchanged; the bound,
+  // which grows with ||x|| ||c||, shrinks for data far from the origin); ecb = the codes the exact
+  // scores use (centred for l2, the input codebook for ip, where centring would change the ranking).
+  std::vector<float> mu, cbc;
+  const float* ecb = nullptr;
+};
+
+struct Fp32Search::Scratch {
+  std::vector<float> best, xpad;      // plain
+  std::vector<int32_t> bpan;
+  std::vector<c10::BFloat16> xb;      // screen
+  std::vector<float> nx, xn2, sbest, zero, xc;
+  std::vector<int64_t> sidx;
+  std::vector<const float*> xrow;
+};
+
+Fp32Search::~Fp32Search() = default;
+
+std::unique_ptr<Fp32Search::Scratch, void (*)(Fp32Search::Scratch*)> Fp32Search::scratch() const {
+  auto* s = new Scratch();
+  const int64_t B = kSearchBlockRows;
+  const Impl& m = *impl_;
+  if (m.screen) {
+    s->xb.resize((size_t)(B * m.Dp));
+    s->nx.resize(B);
+    s->xn2.resize(B);
+    s->sbest.resize(B);
+    s->sidx.resize(B);
+    s->xrow.resize(B);
+    s->zero.assign((size_t)m.D, 0.f);
+    if (!m.mu.empty()) s->xc.resize((size_t)(B * m.D));
+  } else {
+    s->best.resize((size_t)(B * 16));
+    s->bpan.resize((size_t)(B * 16));
+    s->xpad.resize((size_t)(kRows * m.D));
+  }
+  return {s, [](Scratch* p) { delete p; }};
+}
+
+bool Fp32Search::screened() const { return impl_->screen; }
+
+#if VQK_X86 && defined(__GNUC__)
+Fp32Search::Fp32Search(const at::Tensor& codebook, int64_t metric) : impl_(new Impl()) {
+  TORCH_CHECK(cpu_avx512(), "cpu nearest_code: the fp32 search kernel needs AVX-512");
+  TORCH_CHECK(codebook.scalar_type() == at::kFloat && codebook.is_contiguous() && codebook.dim() == 2,
+              "cpu nearest_code: internal error (codebook must be a contiguous float32 (K, D) tensor)");
+  Impl& m = *impl_;
+  m.cb_keep = codebook;
+  m.cb = codebook.data_ptr<float>();
+  m.K = codebook.size(0);
+  m.D = codebook.size(1);
+  m.metric = metric;
+  m.alpha = metric == kL2 ? -2.f : -1.f;
+  m.NP = (m.K + kPanel - 1) / kPanel;
+  m.Kp = m.NP * kPanel;
+  m.screen = cpu_avx512_bf16() && !env_flag("VQKERNELS_CPU_NO_SCREEN") && m.D >= kScreenMinD && m.D <= kScreenMaxD;
+  const int64_t K = m.K, D = m.D, NP = m.NP;
+  const float* cb = m.cb;
+  std::vector<float> cn2((size_t)m.Kp, 0.f);
+  m.bias.assign((size_t)m.Kp, inf_f());
+  constexpr int64_t kGroup = 16;  // panels per packing task
+  const int64_t ngroups = (NP + kGroup - 1) / kGroup;
+  parallel_blocks(ngroups, (double)m.Kp * (double)D, [&](const std::function<int64_t()>& next) {
+    for (int64_t g = next(); g >= 0; g = next())
+      for (int64_t j = g * kGroup * kPanel; j < std::min(K, (g + 1) * kGroup * kPanel); ++j) {
+        cn2[j] = sqnorm_f32(cb + j * D, D);
+        m.bias[j] = metric == kL2 ? cn2[j] : 0.f;
+      }
+  });
+  if (m.screen) {
+    for (int64_t j = 0; j < K; ++j)
+      if (!(cn2[j] <= kTameNorm2)) {  // huge or non-finite codes: the bound's premises fail
+        m.screen = false;
+        break;
+      }
+  }
+  if (m.screen && metric == kL2) {  // centre: mu = the codebook mean, ecb = codes - mu
+    std::vector<double> sum((size_t)D, 0.0);
+    for (int64_t j = 0; j < K; ++j)
+      for (int64_t d = 0; d < D; ++d) sum[d] += cb[j * D + d];
+    m.mu.resize((size_t)D);
+    for (int64_t d = 0; d < D; ++d) m.mu[d] = (float)(sum[d] / (double)K);
+    m.cbc.resize((size_t)(K * D));
+    parallel_blocks(ngroups, (double)m.Kp * (double)D, [&](const std::function<int64_t()>& next) {
+      for (int64_t g = next(); g >= 0; g = next())
+        for (int64_t j = g * kGroup * kPanel; j < std::min(K, (g + 1) * kGroup * kPanel); ++j) {
+          for (int64_t d = 0; d < D; ++d) m.cbc[j * D + d] = cb[j * D + d] - m.mu[d];
+          cn2[j] = sqnorm_f32(m.cbc.data() + j * D, D);
+          m.bias[j] = cn2[j];
+        }
+    });
+    for (int64_t j = 0; j < K; ++j)
+      if (!(cn2[j] <= kTameNorm2)) {
+        m.screen = false;
+        break;
+      }
+    if (!m.screen) {  // back to the input codes for the plain kernel
+      m.mu.clear();
+      m.cbc.clear();
+      for (int64_t j = 0; j < K; ++j) m.bias[j] = sqnorm_f32(cb + j * D, D);
+    }
+  }
+  m.ecb = m.cbc.empty() ? cb : m.cbc.data();
+  if (m.screen) {
+    const float* ecb = m.ecb;
+    m.Dp = (D + 1) / 2 * 2;
+    m.packed_b.resize((size_t)(m.Kp * m.Dp));
+    m.lbias.assign((size_t)m.Kp, inf_f());
+    m.amar.assign((size_t)m.Kp, 0.f);
+    const ScreenConsts sc = screen_constants(D);
+    parallel_blocks(ngroups, (double)m.Kp * (double)D, [&](const std::function<int64_t()>& next) {
+      for (int64_t g = next(); g >= 0; g = next())
+        for (int64_t p = g * kGroup; p < std::min(NP, (g + 1) * kGroup); ++p) {
+          pack_panel_f32_to_bf16(ecb, K, D, m.Dp, p * kPanel, m.packed_b.data() + p * kPanel * m.Dp);
+          for (int64_t j = p * kPanel; j < std::min(K, (p + 1) * kPanel); ++j) {
+            m.amar[j] = sc.kappa * std::sqrt(cn2[j]);
+            m.lbias[j] = m.bias[j] - (sc.kappa2 * cn2[j] + sc.slack);
+          }
+        }
+    });
+    m.chunk_panels = std::max<int64_t>(1, kChunkBytes / (kPanel * m.Dp * 2));
+  } else {
+    m.Dp = D;
+    m.packed.resize((size_t)(m.Kp * D));
+    parallel_blocks(ngroups, (double)m.Kp * (double)D, [&](const std::function<int64_t()>& next) {
+      for (int64_t g = next(); g >= 0; g = next())
+        for (int64_t p = g * kGroup; p < std::min(NP, (g + 1) * kGroup); ++p)
+          pack_panel_f32(cb, K, D, p * kPanel, m.packed.data() + p * kPanel * D);
+    });
+    m.chunk_panels = std::max<int64_t>(1, kChunkBytes / (kPanel * D * 4));
+  }
+}
+
+void Fp32Search::search(const float* x, int64_t ldx, int64_t nr, int64_t* idx, float* dist, Scratch& s) const {
+  const Impl& m = *impl_;
+  const int64_t D = m.D, NP = m.NP;
+  if (nr <= 0) return;
+  if (!m.screen) {
+    const int64_t ngroups = (nr + kRows - 1) / kRows;
+    std::fill(s.best.begin(), s.best.end(), inf_f());
+    std::fill(s.bpan.begin(), s.bpan.end(), 0);
+    for (int64_t c0 = 0; c0 < NP; c0 += m.chunk_panels) {
+      const int64_t np = std::min(m.chunk_panels, NP - c0);
+      for (int64_t g = 0; g < ngroups; ++g) {
+        const int64_t rows = std::min<int64_t>(kRows, nr - g * kRows);
+        const float* xr = x + g * kRows * ldx;
+        int64_t ld = ldx;
+        if (rows < kRows) {
+          std::fill(s.xpad.begin(), s.xpad.end(), 0.f);
+          for (int64_t r = 0; r < rows; ++r) std::memcpy(s.xpad.data() + r * D, xr + r * ldx, sizeof(float) * D);
+          xr = s.xpad.data();
+          ld = D;
+        }
+        run_micro<float>(xr, ld, D, m.packed.data() + c0 * kPanel * D, m.bias.data() + c0 * kPanel, np,
+                         (int32_t)c0, m.alpha, s.best.data() + g * kRows * 16, s.bpan.data() + g * kRows * 16);
+      }
+    }
+    for (int64_t r = 0; r < nr; ++r) {
+      const float* xrow = x + r * ldx;
+      float v;
+      int64_t i;
+      isa_avx512::resolve_row<float>(xrow, D, m.packed.data(), m.bias.data(), m.alpha, s.best.data() + r * 16,
+                                     s.bpan.data() + r * 16, &v, &i);
+      idx[r] = i;
+      dist[r] = finish_distance(m.metric, sqnorm_f32(xrow, D), v);
+    }
+    g_plain_rows.fetch_add(nr, std::memory_order_relaxed);
+    return;
+  }
+
+  // The screen. Rows padded to a multiple of kScreenRows with zero rows whose bound is NaN (never
+  // rescored); rows that are not tame get a NaN bound too and are scanned exactly below.
+  constexpr int R = kScreenRows;
+  const int64_t Dp = m.Dp;
+  const int64_t ngroups = (nr + R - 1) / R;
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  for (int64_t r = 0; r < ngroups * R; ++r) {
+    if (r < nr) {
+      const float* xr = x + r * ldx;
+      if (!m.mu.empty()) {  // centred copy (the exact scores use it too)
+        float* o = s.xc.data() + r * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = xr[d] - m.mu[d];
+        xr = o;
+      }
+      const float n2 = sqnorm_f32(xr, D);
+      s.xn2[r] = n2;
+      s.nx[r] = n2 <= kTameNorm2 ? std::sqrt(n2) : nan;
+      row_to_bf16(xr, D, Dp, s.xb.data() + r * Dp);
+      s.xrow[r] = xr;
+    } else {
+      std::fill(s.xb.begin() + r * Dp, s.xb.begin() + (r + 1) * Dp, c10::BFloat16(0.f));
+      s.nx[r] = nan;
+      s.xrow[r] = s.zero.data();
+    }
+    s.sbest[r] = inf_f();
+    s.sidx[r] = 0;
+  }
+  int64_t rescored = 0;
+  isa_avx512bf16::ScreenCtx ctx{nullptr, m.ecb, m.bias.data(), m.K, D, m.alpha};
+  for (int64_t c0 = 0; c0 < NP; c0 += m.chunk_panels) {
+    const int64_t np = std::min(m.chunk_panels, NP - c0);
+    for (int64_t g = 0; g < ngroups; ++g) {
+      ctx.xrow = s.xrow.data() + g * R;
+      isa_avx512bf16::micro_screen<R, 0>(s.xb.data() + g * R * Dp, Dp, Dp, m.packed_b.data() + c0 * kPanel * Dp,
+                                         m.lbias.data() + c0 * kPanel, m.amar.data() + c0 * kPanel, np,
+                                         c0 * kPanel, s.nx.data() + g * R, ctx, s.sbest.data() + g * R,
+                                         s.sidx.data() + g * R, &rescored);
+    }
+  }
+  for (int64_t r = 0; r < nr; ++r) {
+    if (!(s.xn2[r] <= kTameNorm2)) {  // not screened: every code, exactly
+      float b = inf_f();
+      int64_t bi = 0;
+      for (int64_t k = 0; k < m.K; ++k) {
+        const float sc = exact_score(s.xrow[r], m.ecb + k * D, D, m.alpha, m.bias[k]);
+        if (sc < b) {
+          b = sc;
+          bi = k;
+        }
+      }
+      s.sbest[r] = b;
+      s.sidx[r] = bi;
+    }
+    idx[r] = s.sidx[r];
+    dist[r] = finish_distance(m.metric, s.xn2[r], s.sbest[r]);
+  }
+  g_screened_rows.fetch_add(nr, std::memory_order_relaxed);
+  g_rescored.fetch_add(rescored, std::memory_order_relaxed);
+}
+#else
+Fp32Search::Fp32Search(const at::Tensor&, int64_t) : impl_(new Impl()) {
+  TORCH_CHECK(false, "cpu nearest_code: the fp32 search kernel needs an x86-64 CPU with AVX-512");
+}
+void Fp32Search::search(const float*, int64_t, int64_t, int64_t*, float*, Scratch&) const {}
+#endif
+
+}  // namespace cpu
+
+namespace {
+#if VQK_X86 && defined(__GNUC__)
 
 template <typename T>
 void nearest_code_avx512(const at::Tensor& x, const at::Tensor& cb, int64_t metric, int64_t* out_idx,
@@ -451,7 +804,17 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cpu(const at::Tensor& x_in, cons
   float* dp = dist.data_ptr<float>();
 #if VQK_X86 && defined(__GNUC__)
   if (x.scalar_type() == at::kFloat && cpu_avx512()) {
-    nearest_code_avx512<float>(x, cb, metric, ip, dp);
+    const cpu::Fp32Search search(cb, metric);
+    const int64_t B = cpu::kSearchBlockRows, D = x.size(1);
+    const float* xp = x.data_ptr<float>();
+    const double work = (double)N * (double)cb.size(0) * (double)D;
+    parallel_blocks((N + B - 1) / B, work, [&](const std::function<int64_t()>& next) {
+      auto s = search.scratch();
+      for (int64_t b = next(); b >= 0; b = next()) {
+        const int64_t n0 = b * B;
+        search.search(xp + n0 * D, D, std::min(B, N - n0), ip + n0, dp + n0, *s);
+      }
+    });
     return {idx, dist};
   }
   if (x.scalar_type() == at::kBFloat16 && cpu_avx512_bf16()) {

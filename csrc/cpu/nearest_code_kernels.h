@@ -56,6 +56,89 @@ VQK_TARGET inline __attribute__((always_inline)) void panel_dots(
   }
 }
 
+// Screened exact fp32 search (see "bf16 screen" in nearest_code.cpp). R rows against np bf16 panels:
+// per code a lower bound of the exact fp32 score, lb = alpha * dot_bf16 + lbias - nx * amar, and the
+// codes whose bound is strictly below the row's best exact score so far are rescored exactly (in
+// index order, so the lowest index keeps ties). The rescoring is out of line: it is the rare path.
+struct ScreenCtx {
+  const float* const* xrow;  // fp32 rows of the R-row group (exact rescoring)
+  const float* cb;           // fp32 codebook (K, D), contiguous
+  const float* bias;         // exact per-code bias (||c||^2 or 0)
+  int64_t K, D;
+  float alpha;
+};
+
+VQK_TARGET __attribute__((noinline)) void rescore_rows(const ScreenCtx& c, int R, const uint32_t* masks,
+                                                       const float* lbuf, int64_t k0, float* best,
+                                                       int64_t* bidx, int64_t* nrescored) {
+  for (int r = 0; r < R; ++r) {
+    uint32_t m = masks[r];
+    if (!m) continue;
+    float b = best[r];
+    int64_t bi = bidx[r];
+    const float* x = c.xrow[r];
+    while (m) {
+      const int j = __builtin_ctz(m);
+      m &= m - 1;
+      const int64_t k = k0 + j;
+      if (k >= c.K) break;
+      if (!(lbuf[r * 32 + j] < b)) continue;  // the best dropped since the mask was taken
+      const float s = std::fmaf(c.alpha, dot_exact(x, c.cb + k * c.D, c.D), c.bias[k]);
+      ++*nrescored;
+      if (s < b) {  // strict: NaN never wins, the earlier index keeps ties
+        b = s;
+        bi = k;
+      }
+    }
+    best[r] = b;
+    bidx[r] = bi;
+  }
+}
+
+template <int R, int DT>
+VQK_TARGET void micro_screen(const c10::BFloat16* __restrict x, int64_t ldx, int64_t Dp,
+                             const c10::BFloat16* __restrict panels, const float* __restrict lbias,
+                             const float* __restrict amar, int64_t np, int64_t kbase, const float* nx,
+                             const ScreenCtx& ctx, float* best, int64_t* bidx, int64_t* nrescored) {
+  __m512 bv[R], nxv[R];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    bv[r] = _mm512_set1_ps(best[r]);
+    nxv[r] = _mm512_set1_ps(nx[r]);
+  }
+  const __m512 va = _mm512_set1_ps(ctx.alpha);
+  const int64_t pstride = (DT > 0 ? DT : Dp) * kPanel;
+  for (int64_t p = 0; p < np; ++p) {
+    __m512 acc0[R], acc1[R];
+    panel_dots<R, DT>(x, ldx, Dp, panels + p * pstride, acc0, acc1);
+    const __m512 b0 = _mm512_loadu_ps(lbias + p * kPanel);
+    const __m512 b1 = _mm512_loadu_ps(lbias + p * kPanel + 16);
+    const __m512 a0 = _mm512_loadu_ps(amar + p * kPanel);
+    const __m512 a1 = _mm512_loadu_ps(amar + p * kPanel + 16);
+    uint32_t mk[R];
+    uint32_t any = 0;
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      acc0[r] = _mm512_fnmadd_ps(nxv[r], a0, _mm512_fmadd_ps(va, acc0[r], b0));  // lower bounds
+      acc1[r] = _mm512_fnmadd_ps(nxv[r], a1, _mm512_fmadd_ps(va, acc1[r], b1));
+      mk[r] = (uint32_t)_mm512_cmp_ps_mask(acc0[r], bv[r], _CMP_LT_OQ) |
+              ((uint32_t)_mm512_cmp_ps_mask(acc1[r], bv[r], _CMP_LT_OQ) << 16);
+      any |= mk[r];
+    }
+    if (__builtin_expect(any != 0, 0)) {
+      alignas(64) float lbuf[R * 32];
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        _mm512_store_ps(lbuf + r * 32, acc0[r]);
+        _mm512_store_ps(lbuf + r * 32 + 16, acc1[r]);
+      }
+      rescore_rows(ctx, R, mk, lbuf, kbase + p * kPanel, best, bidx, nrescored);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) bv[r] = _mm512_set1_ps(best[r]);
+    }
+  }
+}
+
 #endif  // VQK_KERNELS_BF16
 
 // R rows (stride ldx) against np packed panels starting at global panel index pbase.

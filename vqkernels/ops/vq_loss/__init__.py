@@ -42,6 +42,7 @@ from .reference import (
 OP_LOSS = "vq_loss"  # the loss forward and backward (one table entry: both run on one backend)
 OP_STATS = "code_stats"  # counts and sums per code (EMA statistics)
 OP_USAGE = "code_usage"  # histogram of indices + perplexity
+OP_FUSED = "vector_quantize_fused"  # search + gather + loss in one forward pass (cpu only; others compose)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64,)
 MAX_CODES = 2**31 - 1
@@ -132,6 +133,23 @@ def _loss_triton_reasons(z, codebook, indices):
 @_backend.register(OP_LOSS, "cuda")
 def _loss_cuda_reasons(z, codebook, indices):
     return _cuda_reasons(z.device, z.dtype)
+
+
+@_backend._constant_under_compile
+def _cpu_avx512() -> bool:
+    """Whether the C++ CPU kernels run their AVX-512 paths here (loads _C; cached)."""
+    mod = _backend.c_extension()
+    return bool(getattr(mod, "cpu_features", lambda: {})().get("avx512", False))
+
+
+@_backend.register(OP_FUSED, "cpu")
+def _fused_cpu_reasons(z, codebook):
+    r = _c_op_reasons(z.device, "vector_quantize_fwd")
+    if z.dtype != torch.float32:
+        r.append(f"the fused forward is float32 only, got {z.dtype}")
+    if not r and not _cpu_avx512():
+        r.append("the fused forward needs a CPU with AVX-512")
+    return r
 
 
 @_backend.register(OP_STATS, "torch")
@@ -349,6 +367,53 @@ def _vq_loss_backward(ctx, grad_zq, grad_loss):
 _vq_loss_op.register_autograd(_vq_loss_backward, setup_context=_vq_loss_setup_context)
 
 
+@torch.library.custom_op("vqkernels::vector_quantize", mutates_args=())
+def _vector_quantize_op(
+    z: torch.Tensor, codebook: torch.Tensor, metric: int, w_commit: float, w_codebook: float, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused forward: z (B, T, D) float32 any strides, codebook (K, D) -> (z_q like z, loss 0-d, indices (B, T)).
+
+    Only ``cpu`` has it (csrc/cpu/vq_fused.cpp); the backward is vq_loss's."""
+    if backend != "cpu":
+        raise RuntimeError(f"vector_quantize has no fused {backend} forward")
+    D = z.shape[-1]
+    N = z.numel() // D if D else 0
+    scale = (w_commit + w_codebook) / (N * D) if N * D else 0.0
+    _backend.c_extension()
+    z_q, loss, idx = torch.ops.vqkernels_C.vector_quantize_fwd(z, codebook.contiguous(), metric, scale)
+    return z_q, loss, idx
+
+
+@_vector_quantize_op.register_fake
+def _(z, codebook, metric, w_commit, w_codebook, backend):
+    return torch.empty_like(z), z.new_empty((), dtype=torch.float32), z.new_empty(z.shape[:-1], dtype=torch.int64)
+
+
+def _vector_quantize_setup_context(ctx, inputs, output):
+    z, codebook, metric, w_commit, w_codebook, backend = inputs
+    ctx.save_for_backward(z, codebook, output[2])
+    ctx.w = (w_commit, w_codebook)
+    ctx.backend = backend
+    ctx.mark_non_differentiable(output[2])
+
+
+def _vector_quantize_backward(ctx, grad_zq, grad_loss, grad_idx):
+    z, codebook, indices = ctx.saved_tensors
+    need_z, need_cb = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_z or need_cb):
+        return None, None, None, None, None, None
+    if grad_zq is None:
+        grad_zq = torch.zeros_like(z)
+    if grad_loss is None:
+        grad_loss = z.new_zeros((), dtype=torch.float32)
+    gz, gcb = _vq_loss_backward_op(grad_zq, grad_loss, z, codebook, indices, ctx.w[0], ctx.w[1],
+                                   need_z, need_cb, ctx.backend)
+    return (gz if need_z else None), (gcb if need_cb else None), None, None, None, None
+
+
+_vector_quantize_op.register_autograd(_vector_quantize_backward, setup_context=_vector_quantize_setup_context)
+
+
 @torch.library.custom_op("vqkernels::code_stats", mutates_args=())
 def _code_stats_op(z: torch.Tensor, indices: torch.Tensor, num_codes: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """z (B, T, D) any strides, indices (B, T) -> (counts (K,), sums (K, D)), float32 (float64 for float64 z)."""
@@ -515,7 +580,9 @@ def vector_quantize(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Nearest-code search, gather, straight-through output and VQ loss: ``(z_q, loss, indices)``.
 
-    ``metric="l2"``: :func:`vqkernels.nearest_code` then :func:`vq_loss` on ``z`` and ``codebook``.
+    ``metric="l2"``: :func:`vqkernels.nearest_code` then :func:`vq_loss` on ``z`` and ``codebook``; on the
+    ``cpu`` backend (float32, AVX-512) both in one fused forward pass over ``z`` (search, gather, loss),
+    reading a strided ``z`` (e.g. a channel-first map) in place.
     ``metric="cosine"``: ``z`` and ``codebook`` are l2-normalised first (differentiably, ``F.normalize``
     in float32, rounded back to the input dtype), and the search, ``z_q`` and the loss are all on the
     normalised vectors (as LlamaGen and ViT-VQGAN do): ``z_q`` is a unit vector and the gradients flow
@@ -529,6 +596,13 @@ def vector_quantize(
         raise ValueError(f"metric must be one of {tuple(METRICS)}, got {metric!r}")
     if metric == "cosine":
         z, codebook = _normalize(z), _normalize(codebook)
+    want = _backend.requested_backend(backend)
+    if want in ("auto", "cpu") and z.shape[-1] > 0:
+        z3 = _as_btd(z)
+        if not _backend.not_supported_reasons(OP_FUSED, "cpu", z3, codebook):
+            w_commit, w_cb = _weights(beta, legacy)
+            z_q, loss, idx = _vector_quantize_op(z3, codebook, METRICS[metric], w_commit, w_cb, "cpu")
+            return z_q.view(z.shape), loss, idx.view(z.shape[:-1])
     indices = nearest_code(z.detach(), codebook.detach(), metric=metric, backend=backend)
     z_q, loss = vq_loss(z, codebook, indices, beta=beta, legacy=legacy, backend=backend)
     return z_q, loss, indices

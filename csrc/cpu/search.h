@@ -1,0 +1,50 @@
+// The fp32 nearest-code search of the CPU backend as a reusable piece: csrc/cpu/nearest_code.cpp
+// implements it (and the nearest_code op on top), csrc/cpu/vq_fused.cpp runs it inside the fused
+// vector_quantize forward. See nearest_code.cpp for the design.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+
+namespace vqkernels {
+namespace cpu {
+
+// Rows per task. Fixed, so that no result depends on the thread count or on which thread ran what.
+constexpr int64_t kSearchBlockRows = 64;
+
+bool has_avx512();       // AVX-512 F/BW/VL/DQ (and not disabled by VQKERNELS_CPU_NO_AVX512)
+bool has_avx512_bf16();  // ... and avx512_bf16 (not disabled by VQKERNELS_CPU_NO_BF16DP)
+
+// Runs worker(next) on up to torch.get_num_threads() threads; next() hands out 0..nblocks-1 once
+// each, then -1. `work` (multiply-adds) below ~4e6 keeps it on the calling thread.
+void parallel_blocks(int64_t nblocks, double work, const std::function<void(const std::function<int64_t()>&)>& worker);
+
+// Exact fp32 search: for each row the code with the lowest fp32 score (lowest index among equal
+// scores; see csrc/common.h), and its distance. Needs has_avx512(). Construct once per call (packs
+// the codebook, in parallel), then call search() from any number of threads, each with its own Scratch.
+class Fp32Search {
+ public:
+  struct Scratch;
+  Fp32Search(const at::Tensor& codebook, int64_t metric);  // codebook (K, D) float32, contiguous
+  ~Fp32Search();
+  std::unique_ptr<Scratch, void (*)(Scratch*)> scratch() const;
+  // nr <= kSearchBlockRows rows of D floats, row r at x + r * ldx. Writes idx[r] and dist[r].
+  void search(const float* x, int64_t ldx, int64_t nr, int64_t* idx, float* dist, Scratch& s) const;
+  bool screened() const;  // the bf16 screen + exact rescoring path (else the plain fp32 kernel)
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Counters of the screened path since the process started (benchmarks and tests read them through
+// vqkernels._C.search_stats()): rows searched by it, and codes rescored exactly.
+struct SearchStats {
+  int64_t screened_rows, rescored, plain_rows;
+};
+SearchStats search_stats();
+
+}  // namespace cpu
+}  // namespace vqkernels

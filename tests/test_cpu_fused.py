@@ -1,0 +1,276 @@
+"""The C++ CPU kernels' fast paths: the bf16 screen of the exact fp32 search, and the fused
+vector_quantize forward (search + gather + loss in one pass, reading strided z in place).
+
+The screen must give the exact fp32 answer, not an approximation: its tests use data built to defeat
+a loose bound (codes far from the origin, near-duplicate codes, rows equal to codes, planted exact
+ties, huge and tiny scales, rows and codes too large for the bound's premises) and check every answer
+tie-aware against float64 distances, and against the plain fp32 kernel (VQKERNELS_CPU_NO_SCREEN=1).
+"""
+import pytest
+import torch
+
+import vqkernels
+from vqkernels import _backend, nearest_code, vector_quantize
+from vqkernels.ops import vq_loss as vl
+from vqkernels.testing import check_nearest, exact_distances, make_inputs
+
+from helpers import require  # noqa: E402
+
+
+def _C():
+    if not _backend.has_cpu_kernels():
+        pytest.skip("vqkernels._C was not built")
+    return _backend.c_extension()
+
+
+def _features():
+    return getattr(_C(), "cpu_features", lambda: {})()
+
+
+def require_screen():
+    if not _features().get("avx512_bf16"):
+        pytest.skip("the bf16 screen needs a CPU with avx512_bf16 (and an _C built with it)")
+
+
+def require_fused(z, cb):
+    require(vl.OP_FUSED, "cpu", vl._as_btd(z), cb)
+
+
+def _stats():
+    return dict(_C().search_stats())
+
+
+# ---------------------------------------------------------------------------------------------
+# The screen
+
+def _adversarial(kind, N, K, D, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, D, generator=g)
+    cb = torch.randn(K, D, generator=g)
+    if kind == "offset":  # far from the origin: ||x|| ||c|| >> the gaps between distances
+        x, cb = x + 40.0, cb + 40.0
+    elif kind == "clusters":  # groups of near-duplicate codes, rows among them
+        centers = torch.randn((K + 15) // 16, D, generator=g)
+        cb = centers.repeat_interleave(16, 0)[:K] + 1e-3 * torch.randn(K, D, generator=g)
+        x = centers[torch.randint(0, centers.shape[0], (N,), generator=g)] + 1e-3 * torch.randn(N, D, generator=g)
+    elif kind == "rows_are_codes":  # distance 0 exactly, with exact duplicates of the codes
+        cb[K // 2:] = cb[: K - K // 2].clone()
+        x = cb[torch.randint(0, K, (N,), generator=g)].clone()
+    elif kind == "huge":
+        x, cb = x * 1e12, cb * 1e12
+    elif kind == "tiny":
+        x, cb = x * 1e-12, cb * 1e-12
+    elif kind == "huge_rows":  # some rows beyond the bound's premises (||x||^2 > 2^100): scanned exactly
+        x[::7] *= 1e16
+    elif kind == "huge_code":  # one code beyond them: the codebook takes the plain kernel
+        cb[3] *= 1e16
+    return x.contiguous(), cb.contiguous()
+
+
+KINDS = ["randn", "offset", "clusters", "rows_are_codes", "huge", "tiny", "huge_rows", "huge_code"]
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("D", [32, 33, 64, 256])
+@pytest.mark.parametrize("kind", KINDS)
+def test_screen_gives_the_exact_answer(kind, D, metric, monkeypatch):
+    require_screen()
+    x, cb = _adversarial(kind, 700, 333, D, seed=D + len(kind))
+    before = _stats()
+    idx, dist = nearest_code(x, cb, metric=metric, backend="cpu", return_distance=True)
+    after = _stats()
+    if kind != "huge_code":
+        assert after["screened_rows"] - before["screened_rows"] == 700, "the screen did not run"
+    check_nearest(x, cb, idx, dist, metric=metric)
+    if kind == "rows_are_codes" and metric == "l2":  # exact: the first of the equal codes, distance 0
+        first = (x[:, None, :] == cb[None]).all(-1).float().argmax(1)  # the first code equal to the row
+        assert torch.equal(idx, first)
+        assert torch.all(dist == 0)
+    monkeypatch.setenv("VQKERNELS_CPU_NO_SCREEN", "1")
+    idx_p, dist_p = nearest_code(x, cb, metric=metric, backend="cpu", return_distance=True)
+    assert _stats()["screened_rows"] == after["screened_rows"], "VQKERNELS_CPU_NO_SCREEN=1 did not turn it off"
+    check_nearest(x, cb, idx_p, dist_p, metric=metric)
+    if kind in ("randn", "huge", "tiny"):  # well-conditioned: both kernels agree but for rare near-ties
+        d = exact_distances(x, cb, metric)
+        same = d.gather(1, idx[:, None]) == d.gather(1, idx_p[:, None])
+        assert same.float().mean() > 0.99
+
+
+def test_screen_rescoring_stays_rare_on_random_codes():
+    """The bound is tight enough to be useful: a handful of exact rescores per row, not K."""
+    require_screen()
+    x, cb = make_inputs(512, 1024, 256, torch.float32, "cpu", seed=5)
+    before = _stats()
+    nearest_code(x, cb, backend="cpu")
+    after = _stats()
+    per_row = (after["rescored"] - before["rescored"]) / (after["screened_rows"] - before["screened_rows"])
+    assert 1 <= per_row < 40, per_row
+
+
+def test_small_d_takes_the_plain_kernel():
+    _C()
+    if not _features().get("avx512"):
+        pytest.skip("needs AVX-512")
+    x, cb = make_inputs(100, 50, 8, torch.float32, "cpu", seed=1)
+    before = _stats()
+    idx, dist = nearest_code(x, cb, backend="cpu", return_distance=True)
+    assert _stats()["plain_rows"] - before["plain_rows"] == 100
+    check_nearest(x, cb, idx, dist)
+
+
+def test_screen_is_thread_count_independent_with_planted_ties():
+    require_screen()
+    x, cb = make_inputs(2000, 900, 48, torch.float32, "cpu", seed=21)
+    cb[850] = cb[4]
+    cb[600] = cb[599]
+    x[::3] = cb[4]
+    x[1::3] = cb[600]
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        i1, d1 = nearest_code(x, cb, backend="cpu", return_distance=True)
+        torch.set_num_threads(2)
+        i2, d2 = nearest_code(x, cb, backend="cpu", return_distance=True)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(i1, i2) and torch.equal(d1, d2)
+    assert torch.all(i1[::3] == 4) and torch.all(i1[1::3] == 599)
+    check_nearest(x, cb, i1, d1)
+
+
+def test_screen_nonfinite_rows_and_codes():
+    require_screen()
+    x, cb = make_inputs(200, 100, 64, torch.float32, "cpu", seed=8)
+    x[5, 3] = float("nan")
+    x[6, 0] = float("inf")
+    idx, dist = nearest_code(x, cb, backend="cpu", return_distance=True)
+    idx_t, dist_t = nearest_code(x, cb, backend="torch", return_distance=True)
+    assert 0 <= int(idx[5]) < 100 and torch.isnan(dist[5])
+    assert idx[5] == idx_t[5]
+    fin = torch.isfinite(x).all(1)
+    check_nearest(x[fin], cb, idx[fin], dist[fin])
+    cb[7, 1] = float("nan")  # a NaN code: never wins for a finite row
+    idx2 = nearest_code(x[fin], cb, backend="cpu")
+    assert not torch.any(idx2 == 7)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused forward
+
+def _layouts(B, H, W, D, seed):
+    """The same tokens in the layouts the modules pass: channel-first map viewed as (B, H, W, C);
+    contiguous (B, T, D); (B, D, T) transposed; a sliced (N, D); flat contiguous (N, D)."""
+    g = torch.Generator().manual_seed(seed)
+    fmap = torch.randn(B, D, H, W, generator=g)
+    yield "channel_first", fmap.permute(0, 2, 3, 1)
+    yield "btd", torch.randn(B, H * W, D, generator=g)
+    yield "bdt_transposed", torch.randn(B, D, H * W, generator=g).transpose(1, 2)
+    yield "sliced", torch.randn(B * H * W, 2 * D + 1, generator=g)[:, 1::2]
+    yield "flat", torch.randn(B * H * W, D, generator=g)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("D", [3, 8, 40, 256])
+@pytest.mark.parametrize("BHW", [(2, 5, 7), (3, 8, 8), (1, 1, 1)], ids=lambda s: "B%dH%dW%d" % s)
+def test_fused_forward_and_backward(BHW, D, metric):
+    B, H, W = BHW
+    K = 37 if D < 100 else 300
+    cb0 = torch.randn(K, D, generator=torch.Generator().manual_seed(D + B))
+    for name, z0 in _layouts(B, H, W, D, seed=D * 7 + B):
+        require_fused(z0, cb0)
+        z = z0.detach().requires_grad_(True)  # a leaf with z0's strides
+        cb = cb0.clone().requires_grad_(True)
+        zq, loss, idx = vector_quantize(z, cb, beta=0.25, metric=metric, backend="cpu")
+        assert zq.shape == z.shape and idx.shape == z.shape[:-1] and loss.dim() == 0
+        assert zq.stride() == torch.empty_like(z).stride() or zq.is_contiguous(), name
+        zn = vl._normalize(z.detach()) if metric == "cosine" else z.detach()
+        cn = vl._normalize(cb.detach()) if metric == "cosine" else cb.detach()
+        check_nearest(zn.reshape(-1, D), cn, idx.reshape(-1), metric="l2")
+        assert torch.equal(zq.detach(), cn[idx]), name  # the straight-through value is the code itself
+        want = 1.25 * torch.mean((cn.double()[idx] - zn.double()) ** 2)
+        torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-7)
+        # gradients: the composed reference path on the same indices
+        g = torch.randn(z.shape, generator=torch.Generator().manual_seed(3))
+        gz, gcb = torch.autograd.grad((zq * g).sum() + 0.7 * loss, (z, cb))
+        z2 = z.detach().clone().requires_grad_(True)
+        cb2 = cb.detach().clone().requires_grad_(True)
+        zs2, cs2 = (vl._normalize(z2), vl._normalize(cb2)) if metric == "cosine" else (z2, cb2)
+        zq2, loss2 = vqkernels.vq_loss(zs2, cs2, idx, beta=0.25, backend="torch")
+        gz2, gcb2 = torch.autograd.grad((zq2 * g).sum() + 0.7 * loss2, (z2, cb2))
+        torch.testing.assert_close(gz, gz2, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gcb, gcb2, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_forward_matches_the_composed_ops():
+    z, cb = make_inputs(3 * 64 + 5, 500, 64, torch.float32, "cpu", seed=4)
+    require_fused(z, cb)
+    zq, loss, idx = torch.ops.vqkernels_C.vector_quantize_fwd(z, cb, 0, 1.0 / z.numel())
+    i2 = nearest_code(z, cb, backend="cpu")
+    zq2, loss2 = vqkernels.vq_loss(z, cb, i2, beta=0.0, backend="cpu")
+    assert torch.equal(idx, i2)  # one search kernel, one answer
+    assert torch.equal(zq, zq2)
+    torch.testing.assert_close(loss, loss2, rtol=1e-6, atol=0)
+
+
+def test_fused_is_thread_count_independent():
+    z = torch.randn(5, 64, 9, 11).permute(0, 2, 3, 1)
+    cb = torch.randn(200, 64)
+    require_fused(z, cb)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a = vector_quantize(z, cb, backend="cpu")
+        torch.set_num_threads(2)
+        b = vector_quantize(z, cb, backend="cpu")
+    finally:
+        torch.set_num_threads(old)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+
+
+def test_fused_empty_and_bad_input():
+    cb = torch.randn(10, 16)
+    z = torch.randn(0, 16)
+    require_fused(z, cb)
+    zq, loss, idx = vector_quantize(z, cb, backend="cpu")
+    assert zq.shape == (0, 16) and idx.shape == (0,) and float(loss) == 0.0
+    with pytest.raises(ValueError, match="last dimension"):
+        vector_quantize(torch.randn(4, 15), cb, backend="cpu")
+    with pytest.raises(TypeError, match="share a dtype"):
+        vector_quantize(torch.randn(4, 16, dtype=torch.float64), cb, backend="cpu")
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.vqkernels_C.vector_quantize_fwd(torch.randn(4, 16).double(), cb.double(), 0, 1.0)
+    with pytest.raises(RuntimeError, match="metric"):
+        torch.ops.vqkernels_C.vector_quantize_fwd(torch.randn(4, 16), cb, 5, 1.0)
+
+
+def test_fused_op_opcheck():
+    z = torch.randn(2, 33, 40).requires_grad_(True)
+    cb = torch.randn(50, 40).requires_grad_(True)
+    require_fused(z, cb)
+    torch.library.opcheck(vl._vector_quantize_op, (z, cb, 0, 1.0, 0.25, "cpu"))
+
+
+def test_fused_under_torch_compile_fullgraph():
+    z = torch.randn(2, 16, 4, 4).permute(0, 2, 3, 1)
+    cb = torch.randn(30, 16)
+    require_fused(z, cb)
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def f(z, cb):
+        return vector_quantize(z, cb, backend="cpu")
+
+    got = f(z, cb)
+    want = vector_quantize(z, cb, backend="cpu")
+    for u, v in zip(got, want):
+        assert torch.equal(u, v)
+
+
+def test_other_dtypes_compose_instead():
+    z = torch.randn(20, 16, dtype=torch.bfloat16)
+    cb = torch.randn(10, 16, dtype=torch.bfloat16)
+    _C()
+    reasons = _backend.not_supported_reasons(vl.OP_FUSED, "cpu", vl._as_btd(z), cb)
+    assert any("float32" in r for r in reasons)
+    zq, loss, idx = vector_quantize(z, cb, backend="cpu")  # nearest_code + vq_loss on the cpu backend
+    assert torch.equal(zq, cb[idx])
