@@ -36,6 +36,8 @@
 #include <vector>
 
 #include "common.h"
+#include "search.h"
+#include "simd_tile.h"
 
 namespace vqkernels {
 namespace {
@@ -370,6 +372,77 @@ void bwd_rows(const Rows<const T>& gzq, const Rows<const T>& z, const T* cb, con
   });
 }
 
+// The backward of a float32 channel-first z (z, grad_zq and grad_z all (B, T, D) with token stride 1,
+// e.g. a (B, C, H, W) map viewed as (B, H*W, C)): plane by plane. Task j owns the dimensions
+// [d0, d1); for each of its d and each b it walks the T contiguous tokens of plane (b, d):
+//   diff = z - cbT[d][idx],  grad_z = grad_zq + c_z * diff,  accT[d][idx] += diff (in token order)
+// cbT / accT are (D, K) transposes of the codebook / its gradient accumulator, so a plane's gathers
+// and scatter-adds stay in one K-float row (L1/L2). Each (k, d) is summed in ascending row order by
+// exactly one task, as in the owner-computes pass: the same bits, for any thread count. z, grad_zq
+// and grad_z are each streamed once (the row-tile path reads z twice through scalar transposes).
+bool planes_ok(const at::Tensor& a) { return a.dim() == 3 && a.stride(1) == 1 && a.numel() > 0; }
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+#endif
+void bwd_plane(const float* __restrict__ z, const float* __restrict__ g, float* __restrict__ o,
+               const int64_t* __restrict__ idx, const float* __restrict__ col, float* __restrict__ acc,
+               float* __restrict__ diff, int64_t T, float c_z, bool avx512) {
+  int64_t t = 0;
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (avx512) {
+    const __m512 cz = _mm512_set1_ps(c_z);
+    for (; t + 16 <= T; t += 16) {
+      const __m256i i0 = _mm512_cvtepi64_epi32(_mm512_loadu_si512(idx + t));
+      const __m256i i1 = _mm512_cvtepi64_epi32(_mm512_loadu_si512(idx + t + 8));
+      const __m512i iv = _mm512_inserti64x4(_mm512_castsi256_si512(i0), i1, 1);
+      const __m512 c = _mm512_i32gather_ps(iv, col, 4);
+      const __m512 dv = _mm512_sub_ps(_mm512_loadu_ps(z + t), c);
+      if (diff != nullptr) _mm512_storeu_ps(diff + t, dv);
+      if (o != nullptr) _mm512_storeu_ps(o + t, _mm512_add_ps(_mm512_loadu_ps(g + t), _mm512_mul_ps(cz, dv)));
+    }
+  }
+#endif
+  for (; t < T; ++t) {
+    const float dv = z[t] - col[idx[t]];
+    if (diff != nullptr) diff[t] = dv;
+    if (o != nullptr) o[t] = g[t] + c_z * dv;
+  }
+  if (acc != nullptr)
+    for (t = 0; t < T; ++t) acc[idx[t]] += diff[t];
+}
+
+void bwd_planes(const at::Tensor& gzq, const at::Tensor& z, const at::Tensor& cb, const int64_t* idx,
+                at::Tensor* gz, float* gcb_acc, double c_z) {
+  const int64_t B = z.size(0), T = z.size(1), D = z.size(2), K = cb.size(0);
+  const bool avx = cpu::has_avx512();
+  const float* cp = cb.const_data_ptr<float>();
+  std::vector<float> cbT((size_t)(K * D)), accT(gcb_acc != nullptr ? (size_t)(K * D) : 0);
+  tile::StridedRows cbrows{D, 0, 1, D};  // cbT[d][k] = cb[k][d]: "rows" d of K elements at stride D
+  tile::gather_rows(cp, cbrows, 0, D, K, cbT.data(), K, avx);
+  const float* zp = z.const_data_ptr<float>();
+  const float* gp = gzq.const_data_ptr<float>();
+  float* op = gz != nullptr ? gz->data_ptr<float>() : nullptr;
+  const int64_t zb = z.stride(0), zd = z.stride(2), gb = gzq.stride(0), gd = gzq.stride(2);
+  const int64_t ob = gz != nullptr ? gz->stride(0) : 0, od = gz != nullptr ? gz->stride(2) : 0;
+  const float cz = (float)c_z;
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::max<int64_t>(1, B * T));
+  at::parallel_for(0, D, grain, [&](int64_t d0, int64_t d1) {
+    std::vector<float> diff(gcb_acc != nullptr ? (size_t)T : 0);
+    for (int64_t d = d0; d < d1; ++d) {
+      float* acc = gcb_acc != nullptr ? accT.data() + d * K : nullptr;
+      if (acc != nullptr) std::fill(acc, acc + K, 0.f);
+      for (int64_t b = 0; b < B; ++b)
+        bwd_plane(zp + b * zb + d * zd, gp + b * gb + d * gd, op != nullptr ? op + b * ob + d * od : nullptr,
+                  idx + b * T, cbT.data() + d * K, acc, acc != nullptr ? diff.data() : nullptr, T, cz, avx);
+    }
+  });
+  if (gcb_acc != nullptr) {  // acc[k][d] = accT[d][k]
+    tile::StridedRows arows{K, 0, 1, K};
+    tile::gather_rows(accT.data(), arows, 0, K, D, gcb_acc, D, avx);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> vq_loss_bwd_cpu(const at::Tensor& gzq, const at::Tensor& grad_loss,
                                                     const at::Tensor& z, const at::Tensor& codebook_in,
                                                     const at::Tensor& indices_in, double w_commit,
@@ -399,7 +472,20 @@ std::tuple<at::Tensor, at::Tensor> vq_loss_bwd_cpu(const at::Tensor& gzq, const 
     const Rows<const scalar_t> zr(z, z.const_data_ptr<scalar_t>());
     const Rows<const scalar_t> gr(gzq, gzq.const_data_ptr<scalar_t>());
     const scalar_t* cp = codebook.const_data_ptr<scalar_t>();
-    if (need_grad_codebook) {
+    const bool planes = std::is_same<scalar_t, float>::value && planes_ok(z) && planes_ok(gzq) &&
+                        (!need_grad_z || planes_ok(gz)) && z.size(2) > 1;
+    if (planes) {  // float32 channel-first: plane by plane (see bwd_planes)
+      for (int64_t n = 0; n < N; ++n)
+        if (ip[n] < 0 || ip[n] >= K) index_error(ip[n], K);
+      float* ap = need_grad_codebook ? reinterpret_cast<float*>(gcb.data_ptr<scalar_t>()) : nullptr;
+      bwd_planes(gzq, z, codebook, ip, need_grad_z ? &gz : nullptr, ap, c_z);
+      if (need_grad_codebook) {
+        const float scale = -float(c_cb);
+        at::parallel_for(0, K * D, kGrainElems, [&](int64_t e0, int64_t e1) {
+          for (int64_t e = e0; e < e1; ++e) ap[e] = scale * ap[e];
+        });
+      }
+    } else if (need_grad_codebook) {
       const std::vector<int64_t> counts = count_rows(ip, N, K);
       const std::vector<int64_t> bounds = code_ranges(counts, N, D);
       // float32 codebooks accumulate in the output itself; others in a float32 K x D scratch.
