@@ -29,3 +29,16 @@ def require(op: str, backend: str, *args):
     reasons = _backend.not_supported_reasons(op, backend, *args)
     if reasons:
         pytest.skip(f"{backend} cannot run {op} here: " + "; ".join(reasons))
+
+
+def with_threads(fn, threads=(1, 2)):
+    """[fn() under torch.set_num_threads(t) for t in threads], restoring the thread count after."""
+    old = torch.get_num_threads()
+    try:
+        out = []
+        for t in threads:
+            torch.set_num_threads(t)
+            out.append(fn())
+        return out
+    finally:
+        torch.set_num_threads(old)

@@ -14,7 +14,7 @@ from vqkernels import _backend, nearest_code, vector_quantize
 from vqkernels.ops import vq_loss as vl
 from vqkernels.testing import check_nearest, exact_distances, make_inputs
 
-from helpers import require  # noqa: E402
+from helpers import require, with_threads  # noqa: E402
 
 
 def _C():
@@ -136,14 +136,7 @@ def test_screen_is_thread_count_independent_with_planted_ties():
     cb[600] = cb[599]
     x[::3] = cb[4]
     x[1::3] = cb[600]
-    old = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        i1, d1 = nearest_code(x, cb, backend="cpu", return_distance=True)
-        torch.set_num_threads(2)
-        i2, d2 = nearest_code(x, cb, backend="cpu", return_distance=True)
-    finally:
-        torch.set_num_threads(old)
+    (i1, d1), (i2, d2) = with_threads(lambda: nearest_code(x, cb, backend="cpu", return_distance=True))
     assert torch.equal(i1, i2) and torch.equal(d1, d2)
     assert torch.all(i1[::3] == 4) and torch.all(i1[1::3] == 599)
     check_nearest(x, cb, i1, d1)
@@ -227,14 +220,7 @@ def test_fused_is_thread_count_independent():
     z = torch.randn(5, 64, 9, 11).permute(0, 2, 3, 1)
     cb = torch.randn(200, 64)
     require_fused(z, cb)
-    old = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        a = vector_quantize(z, cb, backend="cpu")
-        torch.set_num_threads(2)
-        b = vector_quantize(z, cb, backend="cpu")
-    finally:
-        torch.set_num_threads(old)
+    a, b = with_threads(lambda: vector_quantize(z, cb, backend="cpu"))
     for u, v in zip(a, b):
         assert torch.equal(u, v)
 

@@ -14,7 +14,7 @@ from vqkernels import BackendNotSupported, _backend, nearest_code
 from vqkernels.ops import nearest_code as nc
 from vqkernels.testing import check_nearest, exact_distances, make_inputs
 
-from helpers import BACKENDS, HAS_CUDA, device_for  # noqa: E402
+from helpers import BACKENDS, HAS_CUDA, device_for, with_threads  # noqa: E402
 from helpers import require as require_op  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -294,14 +294,7 @@ def test_cpu_kernel_is_thread_count_independent():
     x, cb = make_inputs(3000, 1500, 40, torch.float32, "cpu", seed=12)
     cb[1400] = cb[3]  # a planted tie across far-apart code tiles
     require("cpu", x, cb)
-    old = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        i1, d1 = nearest_code(x, cb, backend="cpu", return_distance=True)
-        torch.set_num_threads(2)
-        i2, d2 = nearest_code(x, cb, backend="cpu", return_distance=True)
-    finally:
-        torch.set_num_threads(old)
+    (i1, d1), (i2, d2) = with_threads(lambda: nearest_code(x, cb, backend="cpu", return_distance=True))
     assert torch.equal(i1, i2) and torch.equal(d1, d2)
     check_nearest(x, cb, i1, d1)
 
@@ -344,14 +337,8 @@ def test_cpu_kernel_tiling_boundaries(D, K, dtype, metric):
     N = 1000
     x, cb = make_inputs(N, K, D, dtype, "cpu", seed=D * 131 + K, noncontiguous=(K == 17))
     require("cpu", x, cb, metric)
-    old = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        i1, d1 = nearest_code(x, cb, metric=metric, backend="cpu", return_distance=True)
-        torch.set_num_threads(2)
-        i2, d2 = nearest_code(x, cb, metric=metric, backend="cpu", return_distance=True)
-    finally:
-        torch.set_num_threads(old)
+    (i1, d1), (i2, d2) = with_threads(
+        lambda: nearest_code(x, cb, metric=metric, backend="cpu", return_distance=True))
     assert torch.equal(i1, i2) and torch.equal(d1, d2), "the result depends on the thread count"
     check_nearest(x, cb, i1, d1, metric=metric)
 

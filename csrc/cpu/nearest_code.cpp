@@ -311,9 +311,10 @@ VQK_AVX512 void pack_panel_f32(const float* cb, int64_t K, int64_t D, int64_t k0
   }
 }
 
-// Pack codes [k0, k0+32) of a bf16 codebook into one panel [Dp/2][32][2] (zero padding).
-void pack_panel_bf16(const c10::BFloat16* cb, int64_t K, int64_t D, int64_t Dp, int64_t k0,
-                     c10::BFloat16* out) {
+// Pack codes [k0, k0+32) of a bf16 or fp32 codebook into one bf16 panel [Dp/2][32][2] (zero
+// padding; fp32 codes rounded to nearest even, bf16 codes copied exactly).
+template <typename Src>
+void pack_panel_bf16(const Src* cb, int64_t K, int64_t D, int64_t Dp, int64_t k0, c10::BFloat16* out) {
   const int64_t nk = std::min(kPanel, K - k0);
   const c10::BFloat16 zero(0.f);
   for (int64_t i = 0; i < Dp / 2; ++i) {
@@ -321,8 +322,8 @@ void pack_panel_bf16(const c10::BFloat16* cb, int64_t K, int64_t D, int64_t Dp, 
     for (int64_t j = 0; j < kPanel; ++j) {
       const bool in = j < nk;
       const int64_t d0 = 2 * i, d1 = 2 * i + 1;
-      o[2 * j] = (in && d0 < D) ? cb[(k0 + j) * D + d0] : zero;
-      o[2 * j + 1] = (in && d1 < D) ? cb[(k0 + j) * D + d1] : zero;
+      o[2 * j] = (in && d0 < D) ? c10::BFloat16(static_cast<float>(cb[(k0 + j) * D + d0])) : zero;
+      o[2 * j + 1] = (in && d1 < D) ? c10::BFloat16(static_cast<float>(cb[(k0 + j) * D + d1])) : zero;
     }
   }
 }
@@ -380,21 +381,6 @@ VQK_AVX512BF16 void row_to_bf16(const float* x, int64_t D, int64_t Dp, c10::BFlo
     _mm512_storeu_si512(out + d, (__m512i)v);
   }
   for (; d < Dp; ++d) out[d] = d < D ? c10::BFloat16(x[d]) : c10::BFloat16(0.f);
-}
-
-// Pack codes [k0, k0+32) of an fp32 codebook into one bf16 panel [Dp/2][32][2] (zero padding).
-void pack_panel_f32_to_bf16(const float* cb, int64_t K, int64_t D, int64_t Dp, int64_t k0, c10::BFloat16* out) {
-  const int64_t nk = std::min(kPanel, K - k0);
-  const c10::BFloat16 zero(0.f);
-  for (int64_t i = 0; i < Dp / 2; ++i) {
-    c10::BFloat16* o = out + i * 2 * kPanel;
-    for (int64_t j = 0; j < kPanel; ++j) {
-      const bool in = j < nk;
-      const int64_t d0 = 2 * i, d1 = 2 * i + 1;
-      o[2 * j] = (in && d0 < D) ? c10::BFloat16(cb[(k0 + j) * D + d0]) : zero;
-      o[2 * j + 1] = (in && d1 < D) ? c10::BFloat16(cb[(k0 + j) * D + d1]) : zero;
-    }
-  }
 }
 
 VQK_AVX512 float exact_score(const float* x, const float* c, int64_t D, float alpha, float bias) {
@@ -501,13 +487,11 @@ Fp32Search::Fp32Search(const at::Tensor& codebook, int64_t metric) : impl_(new I
         m.bias[j] = metric == kL2 ? cn2[j] : 0.f;
       }
   });
-  if (m.screen) {
-    for (int64_t j = 0; j < K; ++j)
-      if (!(cn2[j] <= kTameNorm2)) {  // huge or non-finite codes: the bound's premises fail
-        m.screen = false;
-        break;
-      }
-  }
+  // huge or non-finite codes: the bound's premises fail, the plain kernel takes the codebook
+  const auto all_tame = [&]() {
+    return std::all_of(cn2.begin(), cn2.begin() + K, [](float v) { return v <= kTameNorm2; });
+  };
+  m.screen = m.screen && all_tame();
   if (m.screen && metric == kL2) {  // centre: mu = the codebook mean, ecb = codes - mu
     std::vector<double> sum((size_t)D, 0.0);
     for (int64_t j = 0; j < K; ++j)
@@ -523,11 +507,7 @@ Fp32Search::Fp32Search(const at::Tensor& codebook, int64_t metric) : impl_(new I
           m.bias[j] = cn2[j];
         }
     });
-    for (int64_t j = 0; j < K; ++j)
-      if (!(cn2[j] <= kTameNorm2)) {
-        m.screen = false;
-        break;
-      }
+    m.screen = all_tame();
     if (!m.screen) {  // back to the input codes for the plain kernel
       m.mu.clear();
       m.cbc.clear();
@@ -545,7 +525,7 @@ Fp32Search::Fp32Search(const at::Tensor& codebook, int64_t metric) : impl_(new I
     parallel_blocks(ngroups, (double)m.Kp * (double)D, [&](const std::function<int64_t()>& next) {
       for (int64_t g = next(); g >= 0; g = next())
         for (int64_t p = g * kGroup; p < std::min(NP, (g + 1) * kGroup); ++p) {
-          pack_panel_f32_to_bf16(ecb, K, D, m.Dp, p * kPanel, m.packed_b.data() + p * kPanel * m.Dp);
+          pack_panel_bf16<float>(ecb, K, D, m.Dp, p * kPanel, m.packed_b.data() + p * kPanel * m.Dp);
           for (int64_t j = p * kPanel; j < std::min(K, (p + 1) * kPanel); ++j) {
             m.amar[j] = sc.kappa * std::sqrt(cn2[j]);
             m.lbias[j] = m.bias[j] - (sc.kappa2 * cn2[j] + sc.slack);
@@ -673,12 +653,13 @@ void Fp32Search::search(const float*, int64_t, int64_t, int64_t*, float*, Scratc
 namespace {
 #if VQK_X86 && defined(__GNUC__)
 
-template <typename T>
-void nearest_code_avx512(const at::Tensor& x, const at::Tensor& cb, int64_t metric, int64_t* out_idx,
-                         float* out_dist) {
-  constexpr bool kBF16 = std::is_same<T, c10::BFloat16>::value;
+// bfloat16 inputs: the plain register-tiled kernel on vdpbf16ps (exact bf16 products, fp32 sums).
+// (float32 inputs go through cpu::Fp32Search above.)
+void nearest_code_bf16_avx512(const at::Tensor& x, const at::Tensor& cb, int64_t metric, int64_t* out_idx,
+                              float* out_dist) {
+  using T = c10::BFloat16;
   const int64_t N = x.size(0), K = cb.size(0), D = x.size(1);
-  const int64_t Dp = kBF16 ? (D + 1) / 2 * 2 : D;  // bf16: pairs
+  const int64_t Dp = (D + 1) / 2 * 2;  // pairs
   const int64_t NP = (K + kPanel - 1) / kPanel;
   const int64_t Kp = NP * kPanel;
   const T* xp = x.data_ptr<T>();
@@ -693,17 +674,12 @@ void nearest_code_avx512(const at::Tensor& x, const at::Tensor& cb, int64_t metr
                   [&](const std::function<int64_t()>& next) {
     for (int64_t g = next(); g >= 0; g = next())
     for (int64_t p = g * kPackGroup; p < std::min(NP, (g + 1) * kPackGroup); ++p) {
-      if constexpr (kBF16) {
-        pack_panel_bf16(cbp, K, D, Dp, p * kPanel, packed + p * kPanel * Dp);
-      } else {
-        pack_panel_f32(cbp, K, D, p * kPanel, packed + p * kPanel * Dp);
-      }
+      pack_panel_bf16(cbp, K, D, Dp, p * kPanel, packed + p * kPanel * Dp);
       for (int64_t j = p * kPanel; j < (p + 1) * kPanel; ++j) {
         if (j >= K) {
           bias[j] = inf_f();
         } else if (metric == kL2) {
-          if constexpr (kBF16) bias[j] = sqnorm_bf16(cbp + j * D, D);
-          else bias[j] = sqnorm_f32(cbp + j * D, D);
+          bias[j] = sqnorm_bf16(cbp + j * D, D);
         } else {
           bias[j] = 0.f;
         }
@@ -712,16 +688,15 @@ void nearest_code_avx512(const at::Tensor& x, const at::Tensor& cb, int64_t metr
   });
 
   const float alpha = metric == kL2 ? -2.f : -1.f;
-  const int64_t elem = kBF16 ? 2 : 4;
-  const int64_t chunk_panels = std::max<int64_t>(1, kChunkBytes / (kPanel * Dp * elem));
-  const bool need_copy = kBF16 && (Dp != D);  // odd D in bf16: rows are copied with a zero pad
+  const int64_t chunk_panels = std::max<int64_t>(1, kChunkBytes / (kPanel * Dp * 2));
+  const bool need_copy = Dp != D;  // odd D: rows are copied with a zero pad
   const int64_t nblocks = (N + kBlockRows - 1) / kBlockRows;
 
   const double work = (double)N * (double)Kp * (double)Dp;
   parallel_blocks(nblocks, work, [&](const std::function<int64_t()>& next) {
     std::vector<float> best((size_t)(kBlockRows * 16));
     std::vector<int32_t> bpan((size_t)(kBlockRows * 16));
-    std::vector<T> xpad((size_t)(kRows * Dp));  // padded copy of a row group (tail rows, odd D in bf16)
+    std::vector<T> xpad((size_t)(kRows * Dp));  // padded copy of a row group (tail rows, odd D)
     for (int64_t blk = next(); blk >= 0; blk = next()) {
       const int64_t n0 = blk * kBlockRows;
       const int64_t nr = std::min(kBlockRows, N - n0);
@@ -755,18 +730,10 @@ void nearest_code_avx512(const at::Tensor& x, const at::Tensor& cb, int64_t metr
         }
         float v;
         int64_t i;
-        float xn;
-        if constexpr (kBF16) {
-          isa_avx512bf16::resolve_row<T>(xrow, Dp, packed, bias.data(), alpha, best.data() + r * 16,
-                                         bpan.data() + r * 16, &v, &i);
-          xn = sqnorm_bf16(xrow, D);
-        } else {
-          isa_avx512::resolve_row<T>(xrow, Dp, packed, bias.data(), alpha, best.data() + r * 16,
-                                     bpan.data() + r * 16, &v, &i);
-          xn = sqnorm_f32(xrow, D);
-        }
+        isa_avx512bf16::resolve_row<T>(xrow, Dp, packed, bias.data(), alpha, best.data() + r * 16,
+                                       bpan.data() + r * 16, &v, &i);
         out_idx[n0 + r] = i;
-        out_dist[n0 + r] = finish_distance(metric, xn, v);
+        out_dist[n0 + r] = finish_distance(metric, sqnorm_bf16(xrow, D), v);
       }
     }
   });
@@ -818,7 +785,7 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cpu(const at::Tensor& x_in, cons
     return {idx, dist};
   }
   if (x.scalar_type() == at::kBFloat16 && cpu_avx512_bf16()) {
-    nearest_code_avx512<c10::BFloat16>(x, cb, metric, ip, dp);
+    nearest_code_bf16_avx512(x, cb, metric, ip, dp);
     return {idx, dist};
   }
 #endif

@@ -35,12 +35,9 @@ tile::StridedRows strided_rows(const at::Tensor& t) {
   return {std::max<int64_t>(t.size(0), 1), 0, t.stride(0), t.stride(1)};
 }
 
-// Rows [n0, n0 + nr) are one (nr, D) matrix with contiguous rows at x + offset(n0), stride ld.
-bool rows_dense(const tile::StridedRows& s, int64_t n0, int64_t nr, int64_t D, int64_t* ld) {
-  if (s.sd != 1) return false;
-  const int64_t t = n0 % s.T;
-  if (t + nr > s.T) return false;  // crosses a batch boundary
-  (void)D;
+// Rows [n0, n0 + nr) are one matrix with contiguous rows at x + offset(n0), row stride *ld.
+bool rows_dense(const tile::StridedRows& s, int64_t n0, int64_t nr, int64_t* ld) {
+  if (s.sd != 1 || n0 % s.T + nr > s.T) return false;  // strided elements, or crosses a batch boundary
   *ld = s.st;
   return true;
 }
@@ -113,7 +110,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vector_quantize_fwd_cpu(const at:
       const int64_t n0 = b * B, nr = std::min(B, N - n0);
       const float* xr;
       int64_t ldx;
-      if (rows_dense(zs, n0, nr, D, &ldx)) {
+      if (rows_dense(zs, n0, nr, &ldx)) {
         xr = zp + zs.offset(n0);
       } else {
         tile::gather_rows(zp, zs, n0, nr, D, xbuf.data(), D, true);
@@ -122,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vector_quantize_fwd_cpu(const at:
       }
       search.search(xr, ldx, nr, ip + n0, dist, *s);
       int64_t ldq;
-      const bool qdense = rows_dense(qs, n0, nr, D, &ldq);
+      const bool qdense = rows_dense(qs, n0, nr, &ldq);
       float* qr = qdense ? qp + qs.offset(n0) : qbuf.data();
       if (!qdense) ldq = D;
       double acc = 0.0;
