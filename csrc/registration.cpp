@@ -55,6 +55,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     pybind11::dict d;
     d["avx512"] = vqkernels::cpu::has_avx512();
     d["avx512_bf16"] = vqkernels::cpu::has_avx512_bf16();
+    d["avx512_vnni"] = vqkernels::cpu::has_avx512_vnni();
     return d;
   }, "The CPU features the C++ CPU kernels use here (after the VQKERNELS_CPU_NO_* overrides)");
   m.def("search_stats", [] {
@@ -63,7 +64,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["screened_rows"] = s.screened_rows;
     d["rescored"] = s.rescored;
     d["plain_rows"] = s.plain_rows;
+    d["int8_rows"] = s.int8_rows;
     return d;
-  }, "Counters of the CPU fp32 search since the process started: rows through the bf16 screen, codes "
-     "rescored exactly there, rows through the plain fp32 kernel");
+  }, "Counters of the CPU fp32 search since the process started: rows through a screen (int8_rows of "
+     "them through the int8 one, the rest bf16), codes rescored exactly there, rows through the plain fp32 kernel");
 }

@@ -1,10 +1,12 @@
-"""The C++ CPU kernels' fast paths: the bf16 screen of the exact fp32 search, and the fused
+"""The C++ CPU kernels' fast paths: the screens of the exact fp32 search (int8 and bf16), and the fused
 vector_quantize forward (search + gather + loss in one pass, reading strided z in place).
 
-The screen must give the exact fp32 answer, not an approximation: its tests use data built to defeat
+A screen must give the exact fp32 answer, not an approximation: its tests use data built to defeat
 a loose bound (codes far from the origin, near-duplicate codes, rows equal to codes, planted exact
-ties, huge and tiny scales, rows and codes too large for the bound's premises) and check every answer
-tie-aware against float64 distances, and against the plain fp32 kernel (VQKERNELS_CPU_NO_SCREEN=1).
+ties, huge and tiny scales, spiky rows that quantize coarsely, codes of mixed scales, rows and codes
+outside the bound's premises) and check every answer tie-aware against float64 distances, and against
+the plain fp32 kernel (VQKERNELS_CPU_NO_SCREEN=1). Each runs with the int8 screen and with the bf16 one
+(VQKERNELS_CPU_NO_VNNI=1).
 """
 import pytest
 import torch
@@ -27,9 +29,20 @@ def _features():
     return getattr(_C(), "cpu_features", lambda: {})()
 
 
-def require_screen():
-    if not _features().get("avx512_bf16"):
-        pytest.skip("the bf16 screen needs a CPU with avx512_bf16 (and an _C built with it)")
+SCREENS = ["int8", "bf16"]
+
+
+def use_screen(screen, monkeypatch):
+    """Select the screen for searches built from here on; skip where this CPU lacks it."""
+    f = _features()
+    if screen == "int8":
+        if not f.get("avx512_vnni"):
+            pytest.skip("the int8 screen needs a CPU with avx512_vnni")
+        monkeypatch.delenv("VQKERNELS_CPU_NO_VNNI", raising=False)
+    else:
+        if not f.get("avx512_bf16"):
+            pytest.skip("the bf16 screen needs a CPU with avx512_bf16")
+        monkeypatch.setenv("VQKERNELS_CPU_NO_VNNI", "1")
 
 
 def require_fused(z, cb):
@@ -64,28 +77,58 @@ def _adversarial(kind, N, K, D, seed):
         x[::7] *= 1e16
     elif kind == "huge_code":  # one code beyond them: the codebook takes the plain kernel
         cb[3] *= 1e16
+    elif kind == "tiny_rows":  # ||x||^2 < 2^-80: below the bound's premises, scanned exactly
+        x[::5] *= 1e-15
+    elif kind == "tiny_codes":  # such codes have no bound: rescored for every row (and may win)
+        cb[::9] *= 1e-15
+        x[::4] *= 1e-15
+    elif kind == "zeros":  # exact zero rows and codes: zero quantization error, exact bounds
+        x[::6] = 0
+        cb[::11] = 0
+    elif kind == "spiky":  # one large coordinate per row: int8 steps far coarser than the rest
+        x[:, 0] *= 300.0
+        cb[:, 1] *= 300.0
+    elif kind == "mixed_scales":  # codes of scales 1e-3..1e3 (the per-code terms of the bound differ)
+        cb *= torch.logspace(-3, 3, K)[torch.randperm(K, generator=g)][:, None]
     return x.contiguous(), cb.contiguous()
 
 
-KINDS = ["randn", "offset", "clusters", "rows_are_codes", "huge", "tiny", "huge_rows", "huge_code"]
+KINDS = ["randn", "offset", "clusters", "rows_are_codes", "huge", "tiny", "huge_rows", "huge_code", "tiny_rows",
+         "tiny_codes", "zeros", "spiky", "mixed_scales"]
 
 
+@pytest.mark.parametrize("screen", SCREENS)
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
 @pytest.mark.parametrize("D", [32, 33, 64, 256])
 @pytest.mark.parametrize("kind", KINDS)
-def test_screen_gives_the_exact_answer(kind, D, metric, monkeypatch):
-    require_screen()
-    x, cb = _adversarial(kind, 700, 333, D, seed=D + len(kind))
+def test_screen_gives_the_exact_answer(kind, D, metric, screen, monkeypatch):
+    _check_screen(kind, 700, 333, D, metric, screen, monkeypatch)
+
+
+@pytest.mark.parametrize("screen", SCREENS)
+@pytest.mark.parametrize("D", [1023, 1024, 1025])  # the int8 screen's limit: 1024 (then bf16 takes over)
+@pytest.mark.parametrize("kind", ["randn", "offset", "spiky"])
+def test_screen_at_the_int8_limit(kind, D, screen, monkeypatch):
+    _check_screen(kind, 150, 70, D, "l2", screen, monkeypatch)
+
+
+def _check_screen(kind, N, K, D, metric, screen, monkeypatch):
+    use_screen(screen, monkeypatch)
+    x, cb = _adversarial(kind, N, K, D, seed=D + len(kind))
     before = _stats()
     idx, dist = nearest_code(x, cb, metric=metric, backend="cpu", return_distance=True)
     after = _stats()
     if kind != "huge_code":
-        assert after["screened_rows"] - before["screened_rows"] == 700, "the screen did not run"
+        assert after["screened_rows"] - before["screened_rows"] == N, "the screen did not run"
+        want_i8 = N if (screen == "int8" and D <= 1024) else 0
+        assert after["int8_rows"] - before["int8_rows"] == want_i8, "not the screen asked for"
     check_nearest(x, cb, idx, dist, metric=metric)
-    if kind == "rows_are_codes" and metric == "l2":  # exact: the first of the equal codes, distance 0
-        first = (x[:, None, :] == cb[None]).all(-1).float().argmax(1)  # the first code equal to the row
-        assert torch.equal(idx, first)
-        assert torch.all(dist == 0)
+    if kind in ("rows_are_codes", "zeros") and metric == "l2":  # exact: the first equal code, distance 0
+        eq = (x[:, None, :] == cb[None]).all(-1)
+        has = eq.any(1)
+        first = eq.float().argmax(1)  # the first code equal to the row
+        assert torch.equal(idx[has], first[has]) and has.any()
+        assert torch.all(dist[has] == 0)
     monkeypatch.setenv("VQKERNELS_CPU_NO_SCREEN", "1")
     idx_p, dist_p = nearest_code(x, cb, metric=metric, backend="cpu", return_distance=True)
     assert _stats()["screened_rows"] == after["screened_rows"], "VQKERNELS_CPU_NO_SCREEN=1 did not turn it off"
@@ -105,14 +148,16 @@ def _rescores_per_row(x, cb):
     return (after["rescored"] - before["rescored"]) / x.shape[0]
 
 
-def test_screen_rescoring_stays_rare_on_random_codes():
-    """The bound is tight enough to be useful: a handful of exact rescores per row (~8 measured), not K.
-    Control: codes in tight clusters, where the bound cannot separate a cluster's codes, rescore many more
-    (~100 measured), so the counter counts rescores and a loosened bound would fail the first assertion."""
-    require_screen()
+@pytest.mark.parametrize("screen,most", [("int8", 5), ("bf16", 20)])
+def test_screen_rescoring_stays_rare_on_random_codes(screen, most, monkeypatch):
+    """The bound is tight enough to be useful: a handful of exact rescores per row (measured: int8 ~2,
+    bf16 ~8), not K. Control: codes in tight clusters, where the bound cannot separate a cluster's codes,
+    rescore many more (int8 ~16, bf16 ~70), so the counter counts rescores and a loosened bound would fail
+    the first assertion."""
+    use_screen(screen, monkeypatch)
     x, cb = make_inputs(512, 1024, 256, torch.float32, "cpu", seed=5)
     random_rate = _rescores_per_row(x, cb)
-    assert 1 <= random_rate < 20, random_rate
+    assert 1 <= random_rate < most, random_rate
     xc, cbc = _adversarial("clusters", 512, 1024, 256, seed=5)
     cluster_rate = _rescores_per_row(xc, cbc)
     assert cluster_rate > 3 * random_rate, (cluster_rate, random_rate)
@@ -129,8 +174,9 @@ def test_small_d_takes_the_plain_kernel():
     check_nearest(x, cb, idx, dist)
 
 
-def test_screen_is_thread_count_independent_with_planted_ties():
-    require_screen()
+@pytest.mark.parametrize("screen", SCREENS)
+def test_screen_is_thread_count_independent_with_planted_ties(screen, monkeypatch):
+    use_screen(screen, monkeypatch)
     x, cb = make_inputs(2000, 900, 48, torch.float32, "cpu", seed=21)
     cb[850] = cb[4]
     cb[600] = cb[599]
@@ -142,8 +188,9 @@ def test_screen_is_thread_count_independent_with_planted_ties():
     check_nearest(x, cb, i1, d1)
 
 
-def test_screen_nonfinite_rows_and_codes():
-    require_screen()
+@pytest.mark.parametrize("screen", SCREENS)
+def test_screen_nonfinite_rows_and_codes(screen, monkeypatch):
+    use_screen(screen, monkeypatch)
     x, cb = make_inputs(200, 100, 64, torch.float32, "cpu", seed=8)
     x[5, 3] = float("nan")
     x[6, 0] = float("inf")

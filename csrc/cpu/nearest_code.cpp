@@ -22,18 +22,25 @@
 //  * Cache blocking: a task owns kBlockRows rows (fixed blocks, so results do not depend on the
 //    thread count) and walks the codebook in L2-sized chunks (kChunkBytes); each chunk is swept by
 //    every group of R rows of the block while it sits in L2.
-//  * bf16 screen for float32 (D >= kScreenMinD, on CPUs with avx512_bf16): the same register tiles
-//    run on bf16 copies of the rows and codes (vdpbf16ps: twice the fp32 FMA rate), giving for every
-//    code a *lower bound* of its exact fp32 score: the bf16 estimate minus a rigorous error bound,
-//    kappa * ||x|| * ||c|| + kappa2 * ||c||^2 + slack (bf16 rounding of both operands is at most 2^-8
-//    relative per element, so |<x~,c~> - <x,c>| <= (2^-7 + 2^-16) sum |x_i c_i| <= ... ||x|| ||c||;
-//    kappa also covers the fp32 accumulation of both the estimate and the exact score; see
-//    screen_constants). Only the codes whose bound is strictly below the row's best exact score so far
-//    are scored exactly in fp32 (rescore_rows); every other code provably scores higher. The result is
-//    therefore the exact argmin of the fp32 scores (lowest index on ties: codes are visited in index
-//    order), not an approximation; with random codes ~5-15 codes per row are rescored. Rows whose
-//    norm is not finite or above 2^50 (and codebooks with such a code) skip the screen: those rows are
-//    scanned exactly, those codebooks take the plain fp32 kernel. VQKERNELS_CPU_NO_SCREEN=1 turns it off.
+//  * Screened exact search for float32 (kScreenMinD <= D): a cheap low-precision pass gives for every
+//    code a *lower bound* of its exact fp32 score, and only codes whose bound can beat the row's best
+//    are scored exactly in fp32 (dot_exact). The result is the exact argmin of the fp32 scores with the
+//    lowest index among equal scores, not an approximation. l2 rows and codes are centred on the
+//    codebook mean first (distances unchanged; the bounds, which grow with ||x|| ||c||, shrink for data
+//    far from the origin). Rows/codes outside the bounds' premises (tame_norm2) are handled exactly.
+//    VQKERNELS_CPU_NO_SCREEN=1 turns the screens off (plain fp32 kernel).
+//    - int8 screen (D <= 1024, avx512_vnni; screen_i8.h): rows and codes quantized to int8 with a
+//      scale each, exact integer dots by vpdpbusd (4x the fp32 FMA rate), a bound from the measured
+//      quantization errors. The kernel keeps per row a threshold, the least *upper* bound seen, and
+//      collects the codes whose lower bound is <= it; at the end the candidates are rescored in
+//      increasing bound order until the bound exceeds the best exact score (~2 rescores per row on
+//      random data). VQKERNELS_CPU_NO_VNNI=1 falls back to the bf16 screen.
+//    - bf16 screen (avx512_bf16): the same register tiles as the plain kernel on bf16 copies
+//      (vdpbf16ps: 2x the fp32 rate); bound kappa * ||x|| * ||c|| + kappa2 * ||c||^2 + slack (bf16
+//      rounding of both operands is at most 2^-8 relative per element, so |<x~,c~> - <x,c>| <=
+//      (2^-7 + 2^-16) sum |x_i c_i|; kappa also covers the fp32 accumulation of both the estimate and
+//      the exact score; see screen_constants). Codes whose bound is strictly below the row's best
+//      exact score so far are rescored at once (rescore_rows), in index order (~8 per row).
 //  * bfloat16: the same kernel with vdpbf16ps (avx512_bf16): exact bf16 products summed in fp32,
 //    ~2x the fp32 rate. Without avx512_bf16 (or AVX-512) the portable path widens to fp32.
 //  * float16: converted to float32 up front (one (N, D) + (K, D) fp32 copy), then the fp32 path.
@@ -99,6 +106,16 @@ bool cpu_avx512() {
   static const bool ok = !env_flag("VQKERNELS_CPU_NO_AVX512") && __builtin_cpu_supports("avx512f") &&
                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
                          __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+bool cpu_avx512_vnni() {
+#if VQK_X86 && defined(__GNUC__)
+  static const bool ok =
+      cpu_avx512() && !env_flag("VQKERNELS_CPU_NO_VNNI") && __builtin_cpu_supports("avx512vnni");
   return ok;
 #else
   return false;
@@ -281,6 +298,45 @@ VQK_AVX512 float dot_exact(const float* x, const float* c, int64_t D) {
   return hsum16(_mm512_add_ps(a0, a1));
 }
 
+// The screens' exact rescoring (bf16: nearest_code_kernels.h, int8: screen_i8.h). A screen computes,
+// per code, a lower bound of its exact fp32 score; the codes of a panel (32 codes from k0) whose bound
+// (lbuf) is strictly below the row's best exact score so far (masks) are scored exactly here, in
+// index order, so the lowest index keeps ties. Out of line: it is the rare path.
+struct ScreenCtx {
+  const float* const* xrow;  // fp32 rows of the R-row group (exact rescoring)
+  const float* cb;           // fp32 codebook (K, D), contiguous
+  const float* bias;         // exact per-code bias (||c||^2 or 0)
+  int64_t K, D;
+  float alpha;
+};
+
+VQK_AVX512 __attribute__((noinline)) void rescore_rows(const ScreenCtx& c, int R, const uint32_t* masks,
+                                                       const float* lbuf, int64_t k0, float* best,
+                                                       int64_t* bidx, int64_t* nrescored) {
+  for (int r = 0; r < R; ++r) {
+    uint32_t m = masks[r];
+    if (!m) continue;
+    float b = best[r];
+    int64_t bi = bidx[r];
+    const float* x = c.xrow[r];
+    while (m) {
+      const int j = __builtin_ctz(m);
+      m &= m - 1;
+      const int64_t k = k0 + j;
+      if (k >= c.K) break;
+      if (!(lbuf[r * 32 + j] < b)) continue;  // the best dropped since the mask was taken
+      const float s = std::fmaf(c.alpha, dot_exact(x, c.cb + k * c.D, c.D), c.bias[k]);
+      ++*nrescored;
+      if (s < b) {  // strict: NaN never wins, the earlier index keeps ties
+        b = s;
+        bi = k;
+      }
+    }
+    best[r] = b;
+    bidx[r] = bi;
+  }
+}
+
 // The micro-kernels, compiled twice: for AVX-512 (fp32) and AVX-512 + avx512_bf16 (bf16), so the
 // fp32 path never carries bf16 instructions. See nearest_code_kernels.h.
 #define VQK_TARGET VQK_AVX512
@@ -297,6 +353,8 @@ namespace isa_avx512bf16 {
 }  // namespace isa_avx512bf16
 #undef VQK_TARGET
 #undef VQK_KERNELS_BF16
+
+#include "screen_i8.h"
 
 // Pack codes [k0, k0+32) of an fp32 codebook into one panel [D][32] (zero padding past K).
 VQK_AVX512 void pack_panel_f32(const float* cb, int64_t K, int64_t D, int64_t k0, float* out) {
@@ -355,8 +413,21 @@ void run_micro(const T* x, int64_t ldx, int64_t D, const T* panels, const float*
 
 constexpr int64_t kScreenMinD = 32;   // below, the screen's epilogue costs more than the bf16 dots save
 constexpr int64_t kScreenMaxD = 1 << 20;
-constexpr int kScreenRows = 4;        // rows per screened micro-kernel call
-constexpr float kTameNorm2 = 0x1p100f;  // rows / codes with ||.||^2 above this (or not finite) skip the screen
+constexpr int kScreenRows = 4;        // rows per screened micro-kernel call (bf16)
+#ifndef VQK_I8_ROWS
+#define VQK_I8_ROWS 8
+#endif
+constexpr int kScreenRowsI8 = VQK_I8_ROWS;  // ... (int8)
+static_assert(cpu::kSearchBlockRows % kScreenRowsI8 == 0, "a block holds whole row groups");
+// The screens' bounds hold for rows and codes whose squared norm is 0 or within [2^-80, 2^100]: no
+// overflow, and whatever underflows (subnormal products, bf16 denormals flushed by vdpbf16ps: at most
+// D 2^-126 in all) stays far below the relative error terms, which are >= 2^-8 2^-80 there. Other rows
+// are scanned exactly; other codes are rescored for every row (tiny ones) or, if huge or not finite,
+// send the codebook to the plain kernel.
+constexpr float kTameNorm2 = 0x1p100f;
+constexpr float kTameNorm2Lo = 0x1p-80f;
+inline bool tame_norm2(float n2) { return n2 == 0.f || (n2 >= kTameNorm2Lo && n2 <= kTameNorm2); }
+inline bool tiny_norm2(float n2) { return n2 > 0.f && n2 < kTameNorm2Lo; }
 
 // The lower bound's constants for dimension D (see the header): u = 2^-8 (bf16 rounding),
 // g = gamma_{D+8} (fp32 sums of D terms, either order, plus the reduction tree).
@@ -368,10 +439,10 @@ ScreenConsts screen_constants(int64_t D) {
   const double n = double(D) + 8.0;
   const double g = n * u32 / (1.0 - n * u32);
   return {float(1.02 * 2.0 * (2.0 * u + u * u) + 16.0 * g + 16.0 * u32), float(8.0 * g + 8.0 * u32),
-          std::ldexp(1.0f, -40)};
+          std::ldexp(1.0f, -120)};
 }
 
-std::atomic<int64_t> g_screened_rows{0}, g_rescored{0}, g_plain_rows{0};
+std::atomic<int64_t> g_screened_rows{0}, g_rescored{0}, g_plain_rows{0}, g_i8_rows{0};
 
 // Round-to-nearest-even fp32 -> bf16 of one row, zero-padded to Dp.
 VQK_AVX512BF16 void row_to_bf16(const float* x, int64_t D, int64_t Dp, c10::BFloat16* out) {
@@ -395,6 +466,7 @@ namespace cpu {
 
 bool has_avx512() { return cpu_avx512(); }
 bool has_avx512_bf16() { return cpu_avx512_bf16(); }
+bool has_avx512_vnni() { return cpu_avx512_vnni(); }
 
 void parallel_blocks(int64_t nblocks, double work,
                      const std::function<void(const std::function<int64_t()>&)>& worker) {
@@ -403,16 +475,16 @@ void parallel_blocks(int64_t nblocks, double work,
 
 SearchStats search_stats() {
 #if VQK_X86 && defined(__GNUC__)
-  return {g_screened_rows.load(), g_rescored.load(), g_plain_rows.load()};
+  return {g_screened_rows.load(), g_rescored.load(), g_plain_rows.load(), g_i8_rows.load()};
 #else
-  return {0, 0, 0};
+  return {0, 0, 0, 0};
 #endif
 }
 
 struct Fp32Search::Impl {
   int64_t K = 0, D = 0, metric = 0, NP = 0, Kp = 0, Dp = 0, chunk_panels = 1;
   float alpha = -2.f;
-  bool screen = false;
+  bool screen = false, i8 = false;  // screened; by the int8 screen (else bf16)
   at::Tensor cb_keep;
   const float* cb = nullptr;
   std::vector<float> packed;              // plain: fp32 panels [NP][D][32]
@@ -423,12 +495,20 @@ struct Fp32Search::Impl {
   // scores use (centred for l2, the input codebook for ip, where centring would change the ranking).
   std::vector<float> mu, cbc;
   const float* ecb = nullptr;
+  // int8 screen (screen_i8.h): panels [NP][Dq/4][32][4], per code -128 sum(q), a_c, P, Q; lbias as above
+  int64_t Dq = 0;
+  std::vector<int8_t> packed_q;
+  std::vector<int32_t> corr;
+  std::vector<float> ascale, P, Q, U;
 };
 
 struct Fp32Search::Scratch {
   std::vector<float> best, xpad;      // plain
   std::vector<int32_t> bpan;
-  std::vector<c10::BFloat16> xb;      // screen
+  std::vector<c10::BFloat16> xb;      // bf16 screen
+  std::vector<uint8_t> xq, exact;     // int8 screen: rows (q + 128), rows scanned exactly
+  std::vector<float> sx, rho;
+  std::vector<I8List> cands;  // per row
   std::vector<float> nx, xn2, sbest, zero, xc;
   std::vector<int64_t> sidx;
   std::vector<const float*> xrow;
@@ -441,7 +521,15 @@ std::unique_ptr<Fp32Search::Scratch, void (*)(Fp32Search::Scratch*)> Fp32Search:
   const int64_t B = kSearchBlockRows;
   const Impl& m = *impl_;
   if (m.screen) {
-    s->xb.resize((size_t)(B * m.Dp));
+    if (m.i8) {
+      s->xq.resize((size_t)(B * m.Dq));
+      s->sx.resize(B);
+      s->rho.resize(B);
+      s->cands.resize(B);
+    } else {
+      s->xb.resize((size_t)(B * m.Dp));
+    }
+    s->exact.resize(B);
     s->nx.resize(B);
     s->xn2.resize(B);
     s->sbest.resize(B);
@@ -473,7 +561,9 @@ Fp32Search::Fp32Search(const at::Tensor& codebook, int64_t metric) : impl_(new I
   m.alpha = metric == kL2 ? -2.f : -1.f;
   m.NP = (m.K + kPanel - 1) / kPanel;
   m.Kp = m.NP * kPanel;
-  m.screen = cpu_avx512_bf16() && !env_flag("VQKERNELS_CPU_NO_SCREEN") && m.D >= kScreenMinD && m.D <= kScreenMaxD;
+  m.i8 = cpu_avx512_vnni() && !env_flag("VQKERNELS_CPU_NO_VNNI") && m.D <= kI8MaxD;
+  m.screen = (m.i8 || cpu_avx512_bf16()) && !env_flag("VQKERNELS_CPU_NO_SCREEN") && m.D >= kScreenMinD &&
+             m.D <= kScreenMaxD;
   const int64_t K = m.K, D = m.D, NP = m.NP;
   const float* cb = m.cb;
   std::vector<float> cn2((size_t)m.Kp, 0.f);
@@ -515,7 +605,46 @@ Fp32Search::Fp32Search(const at::Tensor& codebook, int64_t metric) : impl_(new I
     }
   }
   m.ecb = m.cbc.empty() ? cb : m.cbc.data();
-  if (m.screen) {
+  m.i8 = m.i8 && m.screen;
+  if (m.i8) {
+    const float* ecb = m.ecb;
+    TORCH_CHECK(K < (int64_t(1) << 31) - 64, "cpu nearest_code: at most 2^31 - 64 codes");
+    m.Dq = (D + 3) / 4 * 4;
+    m.packed_q.assign((size_t)(m.Kp * m.Dq), 0);
+    m.corr.assign((size_t)m.Kp, 0);
+    m.ascale.assign((size_t)m.Kp, 0.f);
+    m.P.assign((size_t)m.Kp, 0.f);
+    m.Q.assign((size_t)m.Kp, 0.f);
+    m.U.assign((size_t)m.Kp, inf_f());
+    m.lbias.assign((size_t)m.Kp, inf_f());
+    const I8Consts ic = i8_constants(D);
+    const float fa = ic.F * std::fabs(m.alpha);
+    const int64_t Dq = m.Dq;
+    parallel_blocks(ngroups, (double)m.Kp * (double)D, [&](const std::function<int64_t()>& next) {
+      std::vector<int8_t> q((size_t)Dq, 0);
+      for (int64_t g = next(); g >= 0; g = next())
+        for (int64_t p = g * kGroup; p < std::min(NP, (g + 1) * kGroup); ++p) {
+          int8_t* panel = m.packed_q.data() + p * kPanel * Dq;
+          for (int64_t j = p * kPanel; j < std::min(K, (p + 1) * kPanel); ++j) {
+            const I8Vec v = quantize_i8(ecb + j * D, D, q.data());
+            if (!v.ok || tiny_norm2(cn2[j])) {  // no bound (a tiny code): rescored for every row
+              m.lbias[j] = -inf_f();
+              continue;
+            }
+            for (int64_t i = 0; i < Dq / 4; ++i) std::memcpy(panel + i * 4 * kPanel + (j - p * kPanel) * 4, q.data() + 4 * i, 4);
+            const float cn = std::sqrt(cn2[j]);
+            m.corr[j] = -128 * v.sum;
+            m.ascale[j] = v.scale;
+            m.P[j] = fa * (cn + v.err);
+            m.Q[j] = fa * v.err + ic.kfp * cn;
+            m.lbias[j] = m.bias[j] - (ic.kappa2 * cn2[j] + ic.slack);
+            // the upper bound's bias terms: 2 (bias - lbias) plus a margin for the rounding of lb
+            m.U[j] = (float)((2.0 * ((double)m.bias[j] - m.lbias[j]) + 0x1p-17 * std::fabs(m.bias[j])) * (1.0 + 0x1p-20));
+          }
+        }
+    });
+    m.chunk_panels = std::max<int64_t>(1, kChunkBytes / (kPanel * Dq));
+  } else if (m.screen) {
     const float* ecb = m.ecb;
     m.Dp = (D + 1) / 2 * 2;
     m.packed_b.resize((size_t)(m.Kp * m.Dp));
@@ -529,6 +658,10 @@ Fp32Search::Fp32Search(const at::Tensor& codebook, int64_t metric) : impl_(new I
           for (int64_t j = p * kPanel; j < std::min(K, (p + 1) * kPanel); ++j) {
             m.amar[j] = sc.kappa * std::sqrt(cn2[j]);
             m.lbias[j] = m.bias[j] - (sc.kappa2 * cn2[j] + sc.slack);
+            if (tiny_norm2(cn2[j])) {  // no bound: rescored for every row
+              m.amar[j] = 0.f;
+              m.lbias[j] = -inf_f();
+            }
           }
         }
     });
@@ -582,6 +715,11 @@ void Fp32Search::search(const float* x, int64_t ldx, int64_t nr, int64_t* idx, f
     return;
   }
 
+  if (m.i8) {
+    search_i8(x, ldx, nr, idx, dist, s);
+    return;
+  }
+
   // The screen. Rows padded to a multiple of kScreenRows with zero rows whose bound is NaN (never
   // rescored); rows that are not tame get a NaN bound too and are scanned exactly below.
   constexpr int R = kScreenRows;
@@ -598,7 +736,7 @@ void Fp32Search::search(const float* x, int64_t ldx, int64_t nr, int64_t* idx, f
       }
       const float n2 = sqnorm_f32(xr, D);
       s.xn2[r] = n2;
-      s.nx[r] = n2 <= kTameNorm2 ? std::sqrt(n2) : nan;
+      s.nx[r] = tame_norm2(n2) ? std::sqrt(n2) : nan;
       row_to_bf16(xr, D, Dp, s.xb.data() + r * Dp);
       s.xrow[r] = xr;
     } else {
@@ -610,7 +748,7 @@ void Fp32Search::search(const float* x, int64_t ldx, int64_t nr, int64_t* idx, f
     s.sidx[r] = 0;
   }
   int64_t rescored = 0;
-  isa_avx512bf16::ScreenCtx ctx{nullptr, m.ecb, m.bias.data(), m.K, D, m.alpha};
+  ScreenCtx ctx{nullptr, m.ecb, m.bias.data(), m.K, D, m.alpha};
   for (int64_t c0 = 0; c0 < NP; c0 += m.chunk_panels) {
     const int64_t np = std::min(m.chunk_panels, NP - c0);
     for (int64_t g = 0; g < ngroups; ++g) {
@@ -622,7 +760,7 @@ void Fp32Search::search(const float* x, int64_t ldx, int64_t nr, int64_t* idx, f
     }
   }
   for (int64_t r = 0; r < nr; ++r) {
-    if (!(s.xn2[r] <= kTameNorm2)) {  // not screened: every code, exactly
+    if (!tame_norm2(s.xn2[r])) {  // not screened: every code, exactly
       float b = inf_f();
       int64_t bi = 0;
       for (int64_t k = 0; k < m.K; ++k) {
@@ -641,11 +779,122 @@ void Fp32Search::search(const float* x, int64_t ldx, int64_t nr, int64_t* idx, f
   g_screened_rows.fetch_add(nr, std::memory_order_relaxed);
   g_rescored.fetch_add(rescored, std::memory_order_relaxed);
 }
+
+// The int8 screen (screen_i8.h): rows centred (l2), quantized, screened in groups of kScreenRowsI8
+// against L2-sized chunks of panels; rows that cannot be screened are scanned exactly at the end.
+void Fp32Search::search_i8(const float* x, int64_t ldx, int64_t nr, int64_t* idx, float* dist, Scratch& s) const {
+  const Impl& m = *impl_;
+  constexpr int R = kScreenRowsI8;
+  const int64_t D = m.D, Dq = m.Dq, NP = m.NP;
+  const int64_t ngroups = (nr + R - 1) / R;
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float up = 1.f + 0x1p-21f;  // rho = err / ||x||, rounded up
+  for (int64_t r = 0; r < ngroups * R; ++r) {
+    uint8_t* xq = s.xq.data() + r * Dq;
+    s.exact[r] = 0;
+    s.sbest[r] = inf_f();
+    s.sidx[r] = 0;
+    s.nx[r] = nan;  // not screened (padding, or scanned exactly below)
+    s.sx[r] = 0.f;
+    s.rho[r] = 0.f;
+    if (r >= nr) {
+      std::memset(xq, 0x80, (size_t)Dq);
+      s.xrow[r] = s.zero.data();
+      continue;
+    }
+    const float* xr = x + r * ldx;
+    if (!m.mu.empty()) {  // centred copy (the exact scores use it too)
+      float* o = s.xc.data() + r * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = xr[d] - m.mu[d];
+      xr = o;
+    }
+    s.xrow[r] = xr;
+    const float n2 = sqnorm_f32(xr, D);
+    s.xn2[r] = n2;
+    const I8Vec v = tame_norm2(n2) ? quantize_i8(xr, D, reinterpret_cast<int8_t*>(xq)) : I8Vec{1.f, 0.f, 0, false};
+    if (!v.ok) {
+      s.exact[r] = 1;
+      std::memset(xq, 0x80, (size_t)Dq);
+      continue;
+    }
+    for (int64_t d = 0; d < D; ++d) xq[d] ^= 0x80;  // q + 128
+    std::memset(xq + D, 0x80, (size_t)(Dq - D));
+    const float nx = std::sqrt(n2);
+    s.nx[r] = nx;
+    s.sx[r] = m.alpha * v.scale;
+    s.rho[r] = v.err > 0.f ? v.err / nx * up : 0.f;
+  }
+  for (int64_t r = 0; r < nr; ++r) s.cands[r].n = 0;
+  I8Ctx ctx{m.U.data(), nullptr, m.K, s.cands.data()};
+  for (int64_t c0 = 0; c0 < NP; c0 += m.chunk_panels) {
+    const int64_t np = std::min(m.chunk_panels, NP - c0);
+    for (int64_t g = 0; g < ngroups; ++g) {
+      float rho = 0.f;
+      for (int r = 0; r < R; ++r) rho = std::max(rho, s.rho[g * R + r]);
+      ctx.nx = s.nx.data() + g * R;
+      ctx.cands = s.cands.data() + g * R;
+      const int64_t k0 = c0 * kPanel;
+      micro_screen_i8<R>(s.xq.data() + g * R * Dq, Dq, m.packed_q.data() + k0 * Dq, m.corr.data() + k0,
+                         m.ascale.data() + k0, m.lbias.data() + k0, m.P.data() + k0, m.Q.data() + k0, np, k0,
+                         s.sx.data() + g * R, rho, ctx, s.sbest.data() + g * R);
+    }
+  }
+  // Each row's candidates whose bound is <= its final threshold, in increasing lower bound (a handful:
+  // insertion sort), rescored exactly while their bound can still beat (or tie at a lower index) the
+  // best exact score so far.
+  int64_t rescored = 0;
+  for (int64_t r = 0; r < nr; ++r) {
+    float b = inf_f();
+    int64_t bi = 0;
+    if (s.exact[r]) {  // not screened: every code, exactly
+      for (int64_t k = 0; k < m.K; ++k) {
+        const float sc = exact_score(s.xrow[r], m.ecb + k * D, D, m.alpha, m.bias[k]);
+        if (sc < b) {
+          b = sc;
+          bi = k;
+        }
+      }
+    }
+    I8List& cl = s.cands[r];
+    const float th = s.sbest[r];
+    size_t n = 0;
+    for (size_t j = 0; j < cl.n; ++j) {
+      const float lb = cl.lb[j];
+      const int32_t k = cl.k[j];
+      if (!(lb <= th)) continue;
+      size_t i = n++;  // in place: i <= j
+      for (; i > 0 && (cl.lb[i - 1] > lb || (cl.lb[i - 1] == lb && cl.k[i - 1] > k)); --i) {
+        cl.lb[i] = cl.lb[i - 1];
+        cl.k[i] = cl.k[i - 1];
+      }
+      cl.lb[i] = lb;
+      cl.k[i] = k;
+    }
+    for (size_t i = 0; i < n; ++i) {
+      const float lb = cl.lb[i];
+      const int64_t k = cl.k[i];
+      if (lb > b) break;                  // and so are the rest
+      if (lb == b && k > bi) continue;    // at best a tie, at a higher index
+      const float sc = exact_score(s.xrow[r], m.ecb + k * D, D, m.alpha, m.bias[k]);
+      ++rescored;
+      if (sc < b || (sc == b && k < bi)) {  // NaN never wins; the lower index wins ties
+        b = sc;
+        bi = k;
+      }
+    }
+    idx[r] = bi;
+    dist[r] = finish_distance(m.metric, s.xn2[r], b);
+  }
+  g_screened_rows.fetch_add(nr, std::memory_order_relaxed);
+  g_i8_rows.fetch_add(nr, std::memory_order_relaxed);
+  g_rescored.fetch_add(rescored, std::memory_order_relaxed);
+}
 #else
 Fp32Search::Fp32Search(const at::Tensor&, int64_t) : impl_(new Impl()) {
   TORCH_CHECK(false, "cpu nearest_code: the fp32 search kernel needs an x86-64 CPU with AVX-512");
 }
 void Fp32Search::search(const float*, int64_t, int64_t, int64_t*, float*, Scratch&) const {}
+void Fp32Search::search_i8(const float*, int64_t, int64_t, int64_t*, float*, Scratch&) const {}
 #endif
 
 }  // namespace cpu

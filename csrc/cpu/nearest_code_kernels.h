@@ -58,43 +58,8 @@ VQK_TARGET inline __attribute__((always_inline)) void panel_dots(
 
 // Screened exact fp32 search (see "bf16 screen" in nearest_code.cpp). R rows against np bf16 panels:
 // per code a lower bound of the exact fp32 score, lb = alpha * dot_bf16 + lbias - nx * amar, and the
-// codes whose bound is strictly below the row's best exact score so far are rescored exactly (in
-// index order, so the lowest index keeps ties). The rescoring is out of line: it is the rare path.
-struct ScreenCtx {
-  const float* const* xrow;  // fp32 rows of the R-row group (exact rescoring)
-  const float* cb;           // fp32 codebook (K, D), contiguous
-  const float* bias;         // exact per-code bias (||c||^2 or 0)
-  int64_t K, D;
-  float alpha;
-};
-
-VQK_TARGET __attribute__((noinline)) void rescore_rows(const ScreenCtx& c, int R, const uint32_t* masks,
-                                                       const float* lbuf, int64_t k0, float* best,
-                                                       int64_t* bidx, int64_t* nrescored) {
-  for (int r = 0; r < R; ++r) {
-    uint32_t m = masks[r];
-    if (!m) continue;
-    float b = best[r];
-    int64_t bi = bidx[r];
-    const float* x = c.xrow[r];
-    while (m) {
-      const int j = __builtin_ctz(m);
-      m &= m - 1;
-      const int64_t k = k0 + j;
-      if (k >= c.K) break;
-      if (!(lbuf[r * 32 + j] < b)) continue;  // the best dropped since the mask was taken
-      const float s = std::fmaf(c.alpha, dot_exact(x, c.cb + k * c.D, c.D), c.bias[k]);
-      ++*nrescored;
-      if (s < b) {  // strict: NaN never wins, the earlier index keeps ties
-        b = s;
-        bi = k;
-      }
-    }
-    best[r] = b;
-    bidx[r] = bi;
-  }
-}
-
+// codes whose bound is strictly below the row's best exact score so far are rescored exactly
+// (rescore_rows, nearest_code.cpp).
 template <int R, int DT>
 VQK_TARGET void micro_screen(const c10::BFloat16* __restrict x, int64_t ldx, int64_t Dp,
                              const c10::BFloat16* __restrict panels, const float* __restrict lbias,

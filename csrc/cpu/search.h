@@ -16,6 +16,7 @@ constexpr int64_t kSearchBlockRows = 64;
 
 bool has_avx512();       // AVX-512 F/BW/VL/DQ (and not disabled by VQKERNELS_CPU_NO_AVX512)
 bool has_avx512_bf16();  // ... and avx512_bf16 (not disabled by VQKERNELS_CPU_NO_BF16DP)
+bool has_avx512_vnni();  // ... and avx512_vnni (not disabled by VQKERNELS_CPU_NO_VNNI)
 
 // Runs worker(next) on up to torch.get_num_threads() threads; next() hands out 0..nblocks-1 once
 // each, then -1. `work` (multiply-adds) below ~4e6 keeps it on the calling thread.
@@ -32,17 +33,19 @@ class Fp32Search {
   std::unique_ptr<Scratch, void (*)(Scratch*)> scratch() const;
   // nr <= kSearchBlockRows rows of D floats, row r at x + r * ldx. Writes idx[r] and dist[r].
   void search(const float* x, int64_t ldx, int64_t nr, int64_t* idx, float* dist, Scratch& s) const;
-  bool screened() const;  // the bf16 screen + exact rescoring path (else the plain fp32 kernel)
+  bool screened() const;  // a screen (int8 or bf16) + exact rescoring (else the plain fp32 kernel)
 
  private:
   struct Impl;
   std::unique_ptr<Impl> impl_;
+  void search_i8(const float* x, int64_t ldx, int64_t nr, int64_t* idx, float* dist, Scratch& s) const;
 };
 
 // Counters of the screened path since the process started (benchmarks and tests read them through
-// vqkernels._C.search_stats()): rows searched by it, and codes rescored exactly.
+// vqkernels._C.search_stats()): rows searched by a screen (of which int8_rows by the int8 one), codes
+// rescored exactly, rows through the plain kernel.
 struct SearchStats {
-  int64_t screened_rows, rescored, plain_rows;
+  int64_t screened_rows, rescored, plain_rows, int8_rows;
 };
 SearchStats search_stats();
 
