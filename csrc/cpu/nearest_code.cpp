@@ -1035,6 +1035,28 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cpu(const at::Tensor& x_in, cons
     });
     return {idx, dist};
   }
+  if (x.scalar_type() == at::kBFloat16 && cpu_avx512()) {
+    // bf16 -> fp32 is exact, so the fp32 search's screens apply as they are: the codebook widened
+    // once, rows widened a block at a time (64 x D floats per thread). Where no screen runs (small D,
+    // or no screen on this CPU), the vdpbf16ps kernel reads bf16 directly and is faster.
+    const at::Tensor cb32 = cb.to(at::kFloat).contiguous();
+    const cpu::Fp32Search search(cb32, metric);
+    if (search.screened()) {
+      const int64_t B = cpu::kSearchBlockRows, D = x.size(1);
+      const c10::BFloat16* xp = x.data_ptr<c10::BFloat16>();
+      const double work = (double)N * (double)cb.size(0) * (double)D;
+      parallel_blocks((N + B - 1) / B, work, [&](const std::function<int64_t()>& next) {
+        auto s = search.scratch();
+        std::vector<float> rows((size_t)(B * D));
+        for (int64_t b = next(); b >= 0; b = next()) {
+          const int64_t n0 = b * B, nr = std::min(B, N - n0);
+          for (int64_t i = 0; i < nr * D; ++i) rows[(size_t)i] = static_cast<float>(xp[n0 * D + i]);
+          search.search(rows.data(), D, nr, ip + n0, dp + n0, *s);
+        }
+      });
+      return {idx, dist};
+    }
+  }
   if (x.scalar_type() == at::kBFloat16 && cpu_avx512_bf16()) {
     nearest_code_bf16_avx512(x, cb, metric, ip, dp);
     return {idx, dist};
