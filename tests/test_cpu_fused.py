@@ -88,13 +88,21 @@ def _adversarial(kind, N, K, D, seed):
     elif kind == "spiky":  # one large coordinate per row: int8 steps far coarser than the rest
         x[:, 0] *= 300.0
         cb[:, 1] *= 300.0
+    elif kind == "integer_ties":  # int8 quantization is exact (integers, a 127 in every vector: scale 1),
+        # the codebook is symmetric (mean 0: centring changes nothing) and every fp32 score is an exact
+        # integer, with many exact ties: the bounds are at their tightest and the lowest index must win
+        c = torch.randint(-3, 4, (K // 2, D), generator=g).float()
+        c[:, 0] = 127.0
+        cb = torch.cat([c, -c, torch.zeros(K % 2, D)])
+        x = torch.randint(-3, 4, (N, D), generator=g).float()
+        x[:, 1] = 127.0
     elif kind == "mixed_scales":  # codes of scales 1e-3..1e3 (the per-code terms of the bound differ)
         cb *= torch.logspace(-3, 3, K)[torch.randperm(K, generator=g)][:, None]
     return x.contiguous(), cb.contiguous()
 
 
 KINDS = ["randn", "offset", "clusters", "rows_are_codes", "huge", "tiny", "huge_rows", "huge_code", "tiny_rows",
-         "tiny_codes", "zeros", "spiky", "mixed_scales"]
+         "tiny_codes", "zeros", "spiky", "mixed_scales", "integer_ties"]
 
 
 @pytest.mark.parametrize("screen", SCREENS)
@@ -131,6 +139,8 @@ def _check_screen(kind, N, K, D, metric, screen, monkeypatch):
         assert torch.equal(idx[has], first[has]) and has.any()
         if screened:  # (the plain kernel's ||x||^2 + score need not cancel to exactly 0)
             assert torch.all(dist[has] == 0)
+    if kind == "integer_ties" and metric == "l2":  # exact scores: exactly torch.argmin's (first) index
+        assert torch.equal(idx, exact_distances(x, cb, metric).argmin(1))
     monkeypatch.setenv("VQKERNELS_CPU_NO_SCREEN", "1")
     idx_p, dist_p = nearest_code(x, cb, metric=metric, backend="cpu", return_distance=True)
     assert _stats()["screened_rows"] == after["screened_rows"], "VQKERNELS_CPU_NO_SCREEN=1 did not turn it off"

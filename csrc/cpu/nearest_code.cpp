@@ -29,9 +29,9 @@
 //    codebook mean first (distances unchanged; the bounds, which grow with ||x|| ||c||, shrink for data
 //    far from the origin). Rows/codes outside the bounds' premises (tame_norm2) are handled exactly.
 //    VQKERNELS_CPU_NO_SCREEN=1 turns the screens off (plain fp32 kernel).
-//    - int8 screen (D <= 1024, avx512_vnni; screen_i8.h): rows and codes quantized to int8 with a
-//      scale each, exact integer dots by vpdpbusd (4x the fp32 FMA rate), a bound from the measured
-//      quantization errors. The kernel keeps per row a threshold, the least *upper* bound seen, and
+//    - int8 screen (D <= 1024, avx512_vnni; screen_i8.h): rows and codes quantized to int8 (a scale
+//      per group of 8 rows and per panel of 32 codes, the codes sorted by scale), exact integer dots by
+//      vpdpbusd (4x the fp32 FMA rate), a bound from the measured quantization errors. The kernel keeps per row a threshold, the least *upper* bound seen, and
 //      collects the codes whose lower bound is <= it; at the end the candidates are rescored in
 //      increasing bound order until the bound exceeds the best exact score (~2 rescores per row on
 //      random data). VQKERNELS_CPU_NO_VNNI=1 falls back to the bf16 screen.
@@ -496,11 +496,15 @@ struct Fp32Search::Impl {
   // scores use (centred for l2, the input codebook for ip, where centring would change the ranking).
   std::vector<float> mu, cbc;
   const float* ecb = nullptr;
-  // int8 screen (screen_i8.h): panels [NP][Dq/4][32][4], per code -128 sum(q), a_c, P, Q; lbias as above
+  // int8 screen (screen_i8.h): the codes sorted by max|c| (perm: sorted position -> code), panels
+  // [NP][Dq/4][32][4] of the sorted codes, per sorted code -128 sum(q) (+ M), P, Q, U and lbias
+  // (ilbias), per panel its scale and maxima
   int64_t Dq = 0;
+  bool magic = false;
   std::vector<int8_t> packed_q;
-  std::vector<int32_t> corr;
-  std::vector<float> ascale, P, Q, U;
+  std::vector<int32_t> corr, perm;
+  std::vector<float> ilbias, P, Q, U;
+  std::vector<I8Panel> pan;
 };
 
 struct Fp32Search::Scratch {
@@ -508,7 +512,7 @@ struct Fp32Search::Scratch {
   std::vector<int32_t> bpan;
   std::vector<c10::BFloat16> xb;      // bf16 screen
   std::vector<uint8_t> xq, exact;     // int8 screen: rows (q + 128), rows scanned exactly
-  std::vector<float> sx, rho;
+  std::vector<float> ex, gs, gE, gn;  // ... per row ||e_x||; per group alpha a_g, E, n
   std::vector<I8List> cands;  // per row
   std::vector<float> nx, xn2, sbest, zero, xc;
   std::vector<int64_t> sidx;
@@ -524,8 +528,10 @@ std::unique_ptr<Fp32Search::Scratch, void (*)(Fp32Search::Scratch*)> Fp32Search:
   if (m.screen) {
     if (m.i8) {
       s->xq.resize((size_t)(B * m.Dq));
-      s->sx.resize(B);
-      s->rho.resize(B);
+      s->ex.resize(B);
+      s->gs.resize(B);
+      s->gE.resize(B);
+      s->gn.resize(B);
       s->cands.resize(B);
     } else {
       s->xb.resize((size_t)(B * m.Dp));
@@ -612,13 +618,30 @@ Fp32Search::Fp32Search(const at::Tensor& codebook, int64_t metric) : impl_(new I
     const float* ecb = m.ecb;
     TORCH_CHECK(K < (int64_t(1) << 31) - 64, "cpu nearest_code: at most 2^31 - 64 codes");
     m.Dq = (D + 3) / 4 * 4;
+    m.magic = D <= kI8MagicMaxD;
+    const int32_t corr0 = m.magic ? kI8Magic : 0;
+    // sort the codes by max|c| (the panel's shared scale is then close to each code's own); codes that
+    // get no bound (tiny, or not quantizable) come first, with key 0, and do not set their panel's scale
+    std::vector<float> key((size_t)K, 0.f);
+    std::vector<uint8_t> nob((size_t)K, 0);
+    parallel_blocks(ngroups, (double)m.Kp * (double)D, [&](const std::function<int64_t()>& next) {
+      for (int64_t g = next(); g >= 0; g = next())
+        for (int64_t j = g * kGroup * kPanel; j < std::min(K, (g + 1) * kGroup * kPanel); ++j) {
+          const float mx = max_abs_f32(ecb + j * D, D);
+          nob[j] = tiny_norm2(cn2[j]) || !(mx == 0.f || mx >= kI8MinMax);
+          key[j] = nob[j] ? 0.f : mx;
+        }
+    });
+    m.perm.resize((size_t)K);
+    for (int64_t j = 0; j < K; ++j) m.perm[j] = (int32_t)j;
+    std::stable_sort(m.perm.begin(), m.perm.end(), [&](int32_t a, int32_t b) { return key[a] < key[b]; });
     m.packed_q.assign((size_t)(m.Kp * m.Dq), 0);
-    m.corr.assign((size_t)m.Kp, 0);
-    m.ascale.assign((size_t)m.Kp, 0.f);
+    m.corr.assign((size_t)m.Kp, corr0);
     m.P.assign((size_t)m.Kp, 0.f);
     m.Q.assign((size_t)m.Kp, 0.f);
     m.U.assign((size_t)m.Kp, inf_f());
-    m.lbias.assign((size_t)m.Kp, inf_f());
+    m.ilbias.assign((size_t)m.Kp, inf_f());  // padding: never a candidate
+    m.pan.assign((size_t)NP, I8Panel{1.f, 0.f, 0.f, 0.f});
     const I8Consts ic = i8_constants(D);
     const float fa = ic.F * std::fabs(m.alpha);
     const int64_t Dq = m.Dq;
@@ -627,22 +650,30 @@ Fp32Search::Fp32Search(const at::Tensor& codebook, int64_t metric) : impl_(new I
       for (int64_t g = next(); g >= 0; g = next())
         for (int64_t p = g * kGroup; p < std::min(NP, (g + 1) * kGroup); ++p) {
           int8_t* panel = m.packed_q.data() + p * kPanel * Dq;
-          for (int64_t j = p * kPanel; j < std::min(K, (p + 1) * kPanel); ++j) {
-            const I8Vec v = quantize_i8(ecb + j * D, D, q.data());
-            if (!v.ok || tiny_norm2(cn2[j])) {  // no bound (a tiny code): rescored for every row
-              m.lbias[j] = -inf_f();
+          const int64_t j0 = p * kPanel, j1 = std::min(K, (p + 1) * kPanel);
+          float mx = 0.f;
+          for (int64_t i = j0; i < j1; ++i) mx = std::max(mx, key[m.perm[i]]);
+          I8Panel pp{i8_scale(mx), 0.f, 0.f, 0.f};
+          for (int64_t i = j0; i < j1; ++i) {
+            const int64_t j = m.perm[i];
+            const I8Vec v = nob[j] ? I8Vec{1.f, 0.f, 0, false} : quantize_i8_at(ecb + j * D, D, pp.scale, q.data());
+            if (!v.ok) {  // no bound: rescored for every row (q = 0 here)
+              m.ilbias[i] = -inf_f();
               continue;
             }
-            for (int64_t i = 0; i < Dq / 4; ++i) std::memcpy(panel + i * 4 * kPanel + (j - p * kPanel) * 4, q.data() + 4 * i, 4);
+            for (int64_t t = 0; t < Dq / 4; ++t) std::memcpy(panel + t * 4 * kPanel + (i - j0) * 4, q.data() + 4 * t, 4);
             const float cn = std::sqrt(cn2[j]);
-            m.corr[j] = -128 * v.sum;
-            m.ascale[j] = v.scale;
-            m.P[j] = fa * (cn + v.err);
-            m.Q[j] = fa * v.err + ic.kfp * cn;
-            m.lbias[j] = m.bias[j] - (ic.kappa2 * cn2[j] + ic.slack);
+            m.corr[i] = corr0 - 128 * v.sum;
+            m.P[i] = fa * (cn + v.err);
+            m.Q[i] = fa * v.err + ic.kfp * cn;
+            m.ilbias[i] = m.bias[j] - (ic.kappa2 * cn2[j] + ic.slack);
             // the upper bound's bias terms: 2 (bias - lbias) plus a margin for the rounding of lb
-            m.U[j] = (float)((2.0 * ((double)m.bias[j] - m.lbias[j]) + 0x1p-17 * std::fabs(m.bias[j])) * (1.0 + 0x1p-20));
+            m.U[i] = (float)((2.0 * ((double)m.bias[j] - m.ilbias[i]) + 0x1p-17 * std::fabs(m.bias[j])) * (1.0 + 0x1p-20));
+            pp.maxL = std::max(pp.maxL, std::fabs(m.ilbias[i]));
+            pp.maxP = std::max(pp.maxP, m.P[i]);
+            pp.maxQ = std::max(pp.maxQ, m.Q[i]);
           }
+          m.pan[p] = pp;
         }
     });
     m.chunk_panels = std::max<int64_t>(1, kChunkBytes / (kPanel * Dq));
@@ -790,55 +821,71 @@ void Fp32Search::search_i8(const float* x, int64_t ldx, int64_t nr, int64_t* idx
   const int64_t D = m.D, Dq = m.Dq, NP = m.NP;
   const int64_t ngroups = (nr + R - 1) / R;
   const float nan = std::numeric_limits<float>::quiet_NaN();
-  const float up = 1.f + 0x1p-21f;  // rho = err / ||x||, rounded up
-  for (int64_t r = 0; r < ngroups * R; ++r) {
-    uint8_t* xq = s.xq.data() + r * Dq;
-    s.exact[r] = 0;
-    s.sbest[r] = inf_f();
-    s.sidx[r] = 0;
-    s.nx[r] = nan;  // not screened (padding, or scanned exactly below)
-    s.sx[r] = 0.f;
-    s.rho[r] = 0.f;
-    if (r >= nr) {
-      std::memset(xq, 0x80, (size_t)Dq);
-      s.xrow[r] = s.zero.data();
-      continue;
+  for (int64_t g = 0; g < ngroups; ++g) {
+    // the group's rows: centred (l2), their norms; those the bound covers share the scale a_g
+    float gmax = 0.f;
+    for (int64_t r = g * R; r < (g + 1) * R; ++r) {
+      s.exact[r] = 1;  // until quantized below (padding rows: never candidates, never scanned)
+      s.sbest[r] = nan;
+      s.sidx[r] = 0;
+      s.nx[r] = 0.f;
+      s.ex[r] = 0.f;
+      if (r >= nr) {
+        s.xrow[r] = s.zero.data();
+        continue;
+      }
+      const float* xr = x + r * ldx;
+      if (!m.mu.empty()) {  // centred copy (the exact scores use it too)
+        float* o = s.xc.data() + r * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = xr[d] - m.mu[d];
+        xr = o;
+      }
+      s.xrow[r] = xr;
+      const float n2 = sqnorm_f32(xr, D);
+      s.xn2[r] = n2;
+      if (tame_norm2(n2)) {
+        s.exact[r] = 0;
+        gmax = std::max(gmax, max_abs_f32(xr, D));
+      }
     }
-    const float* xr = x + r * ldx;
-    if (!m.mu.empty()) {  // centred copy (the exact scores use it too)
-      float* o = s.xc.data() + r * D;
-      for (int64_t d = 0; d < D; ++d) o[d] = xr[d] - m.mu[d];
-      xr = o;
+    const float ag = i8_scale(gmax);
+    float Eg = 0.f, ng = 0.f;
+    for (int64_t r = g * R; r < (g + 1) * R; ++r) {
+      uint8_t* xq = s.xq.data() + r * Dq;
+      const I8Vec v = (r < nr && !s.exact[r]) ? quantize_i8_at(s.xrow[r], D, ag, reinterpret_cast<int8_t*>(xq))
+                                              : I8Vec{1.f, 0.f, 0, false};
+      if (!v.ok) {  // q = 0: its bounds are compared with a NaN threshold, never candidates
+        std::memset(xq, 0x80, (size_t)Dq);
+        continue;
+      }
+      for (int64_t d = 0; d < D; ++d) xq[d] ^= 0x80;  // q + 128
+      std::memset(xq + D, 0x80, (size_t)(Dq - D));
+      s.sbest[r] = inf_f();
+      s.nx[r] = std::sqrt(s.xn2[r]);
+      s.ex[r] = v.err;
+      Eg = std::max(Eg, v.err);
+      ng = std::max(ng, s.nx[r]);
     }
-    s.xrow[r] = xr;
-    const float n2 = sqnorm_f32(xr, D);
-    s.xn2[r] = n2;
-    const I8Vec v = tame_norm2(n2) ? quantize_i8(xr, D, reinterpret_cast<int8_t*>(xq)) : I8Vec{1.f, 0.f, 0, false};
-    if (!v.ok) {
-      s.exact[r] = 1;
-      std::memset(xq, 0x80, (size_t)Dq);
-      continue;
-    }
-    for (int64_t d = 0; d < D; ++d) xq[d] ^= 0x80;  // q + 128
-    std::memset(xq + D, 0x80, (size_t)(Dq - D));
-    const float nx = std::sqrt(n2);
-    s.nx[r] = nx;
-    s.sx[r] = m.alpha * v.scale;
-    s.rho[r] = v.err > 0.f ? v.err / nx * up : 0.f;
+    for (int64_t r = g * R; r < std::min(nr, (g + 1) * R); ++r)
+      if (std::isnan(s.sbest[r])) s.exact[r] = 1;  // not quantized: scanned exactly below
+    s.gs[g] = m.alpha * ag;
+    s.gE[g] = Eg;
+    s.gn[g] = ng;
   }
   for (int64_t r = 0; r < nr; ++r) s.cands[r].n = 0;
-  I8Ctx ctx{m.U.data(), nullptr, m.K, s.cands.data()};
+  I8Ctx ctx{m.P.data(), m.Q.data(), m.U.data(), nullptr, nullptr, 0.f, 0.f, m.K, s.cands.data()};
   for (int64_t c0 = 0; c0 < NP; c0 += m.chunk_panels) {
     const int64_t np = std::min(m.chunk_panels, NP - c0);
+    const int64_t k0 = c0 * kPanel;
     for (int64_t g = 0; g < ngroups; ++g) {
-      float rho = 0.f;
-      for (int r = 0; r < R; ++r) rho = std::max(rho, s.rho[g * R + r]);
+      ctx.E = s.ex.data() + g * R;
       ctx.nx = s.nx.data() + g * R;
+      ctx.Eg = s.gE[g];
+      ctx.ng = s.gn[g];
       ctx.cands = s.cands.data() + g * R;
-      const int64_t k0 = c0 * kPanel;
-      micro_screen_i8<R>(s.xq.data() + g * R * Dq, Dq, m.packed_q.data() + k0 * Dq, m.corr.data() + k0,
-                         m.ascale.data() + k0, m.lbias.data() + k0, m.P.data() + k0, m.Q.data() + k0, np, k0,
-                         s.sx.data() + g * R, rho, ctx, s.sbest.data() + g * R);
+      const auto kernel = m.magic ? micro_screen_i8<R, true> : micro_screen_i8<R, false>;
+      kernel(s.xq.data() + g * R * Dq, Dq, m.packed_q.data() + k0 * Dq, m.corr.data() + k0, m.pan.data() + c0,
+             m.ilbias.data() + k0, m.P.data() + k0, m.Q.data() + k0, np, k0, s.gs[g], ctx, s.sbest.data() + g * R);
     }
   }
   // Each row's candidates whose bound is <= its final threshold, in increasing lower bound (a handful:
@@ -862,7 +909,7 @@ void Fp32Search::search_i8(const float* x, int64_t ldx, int64_t nr, int64_t* idx
     size_t n = 0;
     for (size_t j = 0; j < cl.n; ++j) {
       const float lb = cl.lb[j];
-      const int32_t k = cl.k[j];
+      const int32_t k = m.perm[cl.k[j]];  // sorted position -> code
       if (!(lb <= th)) continue;
       size_t i = n++;  // in place: i <= j
       for (; i > 0 && (cl.lb[i - 1] > lb || (cl.lb[i - 1] == lb && cl.k[i - 1] > k)); --i) {
