@@ -298,6 +298,27 @@ VQK_AVX512 float dot_exact(const float* x, const float* c, int64_t D) {
   return hsum16(_mm512_add_ps(a0, a1));
 }
 
+// A code's exact fp32 score, as every screen's rescoring computes it.
+VQK_AVX512 float exact_score(const float* x, const float* c, int64_t D, float alpha, float bias) {
+  return std::fmaf(alpha, dot_exact(x, c, D), bias);
+}
+
+// Every code, exactly (a row the screens cannot bound): its least score, the lowest index on ties.
+VQK_AVX512 void scan_exact(const float* x, const float* cb, const float* bias, int64_t K, int64_t D, float alpha,
+                           float* best, int64_t* bidx) {
+  float b = inf_f();
+  int64_t bi = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    const float sc = exact_score(x, cb + k * D, D, alpha, bias[k]);
+    if (sc < b) {
+      b = sc;
+      bi = k;
+    }
+  }
+  *best = b;
+  *bidx = bi;
+}
+
 // The screens' exact rescoring (bf16: nearest_code_kernels.h, int8: screen_i8.h). A screen computes,
 // per code, a lower bound of its exact fp32 score; the codes of a panel (32 codes from k0) whose bound
 // (lbuf) is strictly below the row's best exact score so far (masks) are scored exactly here, in
@@ -325,7 +346,7 @@ VQK_AVX512 __attribute__((noinline)) void rescore_rows(const ScreenCtx& c, int R
       const int64_t k = k0 + j;
       if (k >= c.K) break;
       if (!(lbuf[r * 32 + j] < b)) continue;  // the best dropped since the mask was taken
-      const float s = std::fmaf(c.alpha, dot_exact(x, c.cb + k * c.D, c.D), c.bias[k]);
+      const float s = exact_score(x, c.cb + k * c.D, c.D, c.alpha, c.bias[k]);
       ++*nrescored;
       if (s < b) {  // strict: NaN never wins, the earlier index keeps ties
         b = s;
@@ -455,10 +476,6 @@ VQK_AVX512BF16 void row_to_bf16(const float* x, int64_t D, int64_t Dp, c10::BFlo
   for (; d < Dp; ++d) out[d] = d < D ? c10::BFloat16(x[d]) : c10::BFloat16(0.f);
 }
 
-VQK_AVX512 float exact_score(const float* x, const float* c, int64_t D, float alpha, float bias) {
-  return std::fmaf(alpha, dot_exact(x, c, D), bias);
-}
-
 #endif  // VQK_X86
 
 }  // namespace
@@ -568,8 +585,7 @@ Fp32Search::Fp32Search(const at::Tensor& codebook, int64_t metric) : impl_(new I
   m.alpha = metric == kL2 ? -2.f : -1.f;
   m.NP = (m.K + kPanel - 1) / kPanel;
   m.Kp = m.NP * kPanel;
-  m.i8 = cpu_avx512_vnni() && !env_flag("VQKERNELS_CPU_NO_VNNI") && m.D <= kI8MaxD;
-  m.i8 = m.i8 && m.D >= kI8MinD;
+  m.i8 = cpu_avx512_vnni() && !env_flag("VQKERNELS_CPU_NO_VNNI") && m.D >= kI8MinD && m.D <= kI8MaxD;
   m.screen = !env_flag("VQKERNELS_CPU_NO_SCREEN") && m.D <= kScreenMaxD &&
              (m.i8 || (cpu_avx512_bf16() && m.D >= kScreenMinD));
   const int64_t K = m.K, D = m.D, NP = m.NP;
@@ -793,19 +809,8 @@ void Fp32Search::search(const float* x, int64_t ldx, int64_t nr, int64_t* idx, f
     }
   }
   for (int64_t r = 0; r < nr; ++r) {
-    if (!tame_norm2(s.xn2[r])) {  // not screened: every code, exactly
-      float b = inf_f();
-      int64_t bi = 0;
-      for (int64_t k = 0; k < m.K; ++k) {
-        const float sc = exact_score(s.xrow[r], m.ecb + k * D, D, m.alpha, m.bias[k]);
-        if (sc < b) {
-          b = sc;
-          bi = k;
-        }
-      }
-      s.sbest[r] = b;
-      s.sidx[r] = bi;
-    }
+    if (!tame_norm2(s.xn2[r]))  // not screened: every code, exactly
+      scan_exact(s.xrow[r], m.ecb, m.bias.data(), m.K, D, m.alpha, &s.sbest[r], &s.sidx[r]);
     idx[r] = s.sidx[r];
     dist[r] = finish_distance(m.metric, s.xn2[r], s.sbest[r]);
   }
@@ -895,15 +900,7 @@ void Fp32Search::search_i8(const float* x, int64_t ldx, int64_t nr, int64_t* idx
   for (int64_t r = 0; r < nr; ++r) {
     float b = inf_f();
     int64_t bi = 0;
-    if (s.exact[r]) {  // not screened: every code, exactly
-      for (int64_t k = 0; k < m.K; ++k) {
-        const float sc = exact_score(s.xrow[r], m.ecb + k * D, D, m.alpha, m.bias[k]);
-        if (sc < b) {
-          b = sc;
-          bi = k;
-        }
-      }
-    }
+    if (s.exact[r]) scan_exact(s.xrow[r], m.ecb, m.bias.data(), m.K, D, m.alpha, &b, &bi);  // not screened
     I8List& cl = s.cands[r];
     const float th = s.sbest[r];
     size_t n = 0;
