@@ -27,6 +27,20 @@ TORCH_LIBRARY(vqkernels_C, m) {
   m.def("code_stats(Tensor z, Tensor indices, int num_codes) -> (Tensor, Tensor)");
   // Histogram of indices and taming's perplexity: (counts int64 (K,), perplexity float32 0-d).
   m.def("code_usage(Tensor indices, int num_codes) -> (Tensor, Tensor)");
+
+  // Attention (csrc/cpu/attention.cpp, csrc/cuda/attention.cpp). q (B, H, Tq, Dh); k, v (B, Hkv, Tk, Dh) with
+  // H % Hkv == 0; any strides with a unit last-dim stride; one dtype (float32, float16, bfloat16). causal masks
+  // bottom-right aligned (query i sees keys j <= i + Tk - Tq). Forward: (out (B, H, Tq, Dh) in q's dtype,
+  // lse float32 (B, H, Tq): the row log-sum-exp of the scaled scores, natural log).
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float scale) -> (Tensor, Tensor)");
+  // Backward: (dq like q, dk like k, dv like v; dk/dv summed over the H / Hkv query heads of each kv head).
+  m.def("attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, "
+        "float scale) -> (Tensor, Tensor, Tensor)");
+  // Cached decoding: q (B, H, Tq, Dh) the last Tq positions of each sequence; k_cache, v_cache (B, Hkv, Tmax, Dh);
+  // cache_seqlens int32 (B,) valid length of each sequence (new tokens included, Tq <= len <= Tmax). Query t of
+  // sequence b sits at position len_b - Tq + t and attends to cache positions [0, len_b - Tq + t].
+  // Returns out (B, H, Tq, Dh) in q's dtype. Reads nothing at or past len_b.
+  m.def("attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, float scale) -> Tensor");
 }
 
 namespace {

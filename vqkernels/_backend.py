@@ -16,6 +16,7 @@ import contextlib
 import contextvars
 import functools
 import os
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -50,6 +51,112 @@ def register(op: str, backend: str) -> Callable[[ReasonsFn], ReasonsFn]:
     return deco
 
 
+# --------------------------------------------------------------------------------------------
+# Declarative capabilities: what a backend of an op can take, as data. The reasons a backend cannot
+# run an input are derived from it (device, dtype, the build, Triton's state), plus an optional
+# ``limit`` over the op's *named* arguments for what data alone cannot say (shape limits).
+
+@dataclass(frozen=True)
+class Capability:
+    """What one backend of one op can take.
+
+    devices: device types it runs on (``("cpu",)``, ``("cuda",)``), or ``None`` for any.
+    dtypes: the dtypes of the op's primary tensor it takes, or ``None`` for any.
+    needs: ``"_C.cpu"`` / ``"_C.cuda"`` (the built extension's CPU / CUDA kernels), ``"triton"``, or None.
+    kernels: names of ``torch.ops.vqkernels_C`` ops that must exist in this build (an older build may lack them).
+    limit: ``limit(**args) -> list[str]``: further reasons, over the op's named arguments.
+    """
+
+    devices: tuple | None = None
+    dtypes: tuple | None = None
+    needs: str | None = None
+    kernels: tuple = ()
+    limit: Callable[..., list] | None = None
+
+
+@dataclass
+class OpSpec:
+    name: str
+    primary: str  # the named argument whose device and dtype decide
+    backends: dict  # backend name -> Capability
+    probe: Callable | None = None  # probe(device: str, dtype) -> dict of small named example args (for `info`)
+    priority: dict | None = None  # device type -> backends, fastest first, where the op differs from PRIORITY
+
+
+_SPECS: dict[str, OpSpec] = {}
+
+
+def declare(op: str, *, primary: str, probe: Callable | None = None, priority: dict | None = None,
+            **backends: Capability) -> OpSpec:
+    """Declare ``op``'s backends: ``declare("attention", primary="q", torch=Capability(...), cpu=...)``."""
+    for b in backends:
+        if b not in BACKENDS:
+            raise ValueError(f"unknown backend {b!r}; expected one of {BACKENDS}")
+    spec = OpSpec(op, primary, dict(backends), probe, priority)
+    _SPECS[op] = spec
+    return spec
+
+
+def declared_ops() -> list[str]:
+    """Every op with a declared (or legacy-registered) backend table, in declaration order."""
+    return list(dict.fromkeys(list(_SPECS) + list(_REGISTRY)))
+
+
+def _build_reason(needs: str | None, kernels: tuple) -> list[str]:
+    if needs == "_C.cpu":
+        if not has_cpu_kernels():
+            err = c_extension_error()
+            return ["vqkernels._C was not built" + (f" ({err})" if err else "")]
+    elif needs == "_C.cuda":
+        if not has_cuda_kernels():
+            err = c_extension_error()
+            return ["vqkernels._C was built without CUDA kernels" if err is None
+                    else f"vqkernels._C was not built ({err})"]
+    else:
+        return []
+    dispatch_key = "CPU" if needs == "_C.cpu" else "CUDA"
+    missing = [k for k in kernels if not _has_c_kernel(k, dispatch_key)]
+    if missing:
+        return [f"this build of vqkernels._C has no {dispatch_key} kernel for {', '.join(missing)} "
+                "(rebuild the package)"]
+    return []
+
+
+def _has_c_kernel(name: str, dispatch_key: str) -> bool:
+    """Whether torch.ops.vqkernels_C.<name> exists and has a kernel for ``dispatch_key`` (cached)."""
+    key = ("c_kernel", name, dispatch_key)
+    if key not in _PROBES:
+        c_extension()
+        try:
+            _PROBES[key] = bool(hasattr(torch.ops.vqkernels_C, name)  # (an unknown op name raises in the query)
+                                and torch._C._dispatch_has_kernel_for_dispatch_key(f"vqkernels_C::{name}",
+                                                                                  dispatch_key))
+        except Exception:
+            _PROBES[key] = False
+    return _PROBES[key]
+
+
+def _spec_reasons(spec: OpSpec, backend: str, args: dict) -> list[str]:
+    cap = spec.backends.get(backend)
+    if cap is None:
+        return [f"{spec.name} has no {backend} implementation"]
+    t = args.get(spec.primary)
+    r: list[str] = []
+    if isinstance(t, torch.Tensor):
+        dev = t.device
+        if cap.devices is not None and dev.type not in cap.devices:
+            r.append(f"the {backend} kernel takes {'/'.join(d.upper() if d != 'cpu' else 'CPU' for d in cap.devices)} "
+                     f"tensors, got {dev.type}")
+        if cap.needs == "triton":
+            r += triton_device_reasons(dev)
+        if cap.dtypes is not None and t.dtype not in cap.dtypes:
+            r.append(f"dtype {t.dtype} is not one of {', '.join(str(d) for d in cap.dtypes)}")
+    r += _build_reason(cap.needs, cap.kernels)
+    if cap.limit is not None and not r:
+        r += list(cap.limit(**args))
+    return r
+
+
 def _check_name(name: str, what: str) -> str:
     name = name.strip().lower()
     if name != "auto" and name not in BACKENDS:
@@ -81,7 +188,14 @@ def requested_backend(backend: str | None = None) -> str:
 
 
 def not_supported_reasons(op: str, backend: str, *args, **kwargs) -> list[str]:
-    """Why ``backend`` cannot run ``op`` on these inputs (empty: it can)."""
+    """Why ``backend`` cannot run ``op`` on these inputs (empty: it can).
+
+    Declared ops (:func:`declare`) take their arguments by name; legacy-registered ones positionally."""
+    spec = _SPECS.get(op)
+    if spec is not None:
+        if args:
+            raise TypeError(f"{op} is declared: pass its arguments by name")
+        return _spec_reasons(spec, backend, kwargs)
     table = _REGISTRY.get(op)
     if table is None:
         raise KeyError(f"no op named {op!r} is registered with the backend table")
@@ -91,8 +205,8 @@ def not_supported_reasons(op: str, backend: str, *args, **kwargs) -> list[str]:
     return list(fn(*args, **kwargs))
 
 
-def _device_type(args) -> str:
-    for a in args:
+def _device_type(args, kwargs=None) -> str:
+    for a in list(args) + list((kwargs or {}).values()):
         if isinstance(a, torch.Tensor):
             return a.device.type
     return "cpu"
@@ -109,7 +223,13 @@ def select(op: str, backend: str | None, *args, **kwargs) -> str:
             )
         return want
     collected = []
-    for b in PRIORITY.get(_device_type(args), DEFAULT_PRIORITY):
+    spec = _SPECS.get(op)
+    if spec is not None and isinstance(kwargs.get(spec.primary), torch.Tensor):
+        dev = kwargs[spec.primary].device.type
+    else:
+        dev = _device_type(args, kwargs)
+    order = (spec.priority or {}).get(dev) if spec is not None else None
+    for b in order or PRIORITY.get(dev, DEFAULT_PRIORITY):
         reasons = not_supported_reasons(op, b, *args, **kwargs)
         if not reasons:
             return b
