@@ -76,6 +76,7 @@
 #endif
 
 #include "common.h"
+#include "cpu/runtime.h"
 #include "search.h"
 
 namespace vqkernels {
@@ -94,43 +95,13 @@ constexpr int64_t kChunkBytes = VQK_CHUNK_KB * 1024;  // packed codes per L2 chu
 
 inline float inf_f() { return std::numeric_limits<float>::infinity(); }
 
-// Hooks for tests and benchmarks: VQKERNELS_CPU_NO_AVX512=1 forces the portable path,
-// VQKERNELS_CPU_NO_BF16DP=1 forces bf16 through the portable path even with avx512_bf16.
-inline bool env_flag(const char* name) {
-  const char* v = std::getenv(name);
-  return v != nullptr && v[0] != '\0' && v[0] != '0';
-}
-
-bool cpu_avx512() {
-#if VQK_X86 && defined(__GNUC__)
-  static const bool ok = !env_flag("VQKERNELS_CPU_NO_AVX512") && __builtin_cpu_supports("avx512f") &&
-                         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-                         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma");
-  return ok;
-#else
-  return false;
-#endif
-}
-
-bool cpu_avx512_vnni() {
-#if VQK_X86 && defined(__GNUC__)
-  static const bool ok =
-      cpu_avx512() && !env_flag("VQKERNELS_CPU_NO_VNNI") && __builtin_cpu_supports("avx512vnni");
-  return ok;
-#else
-  return false;
-#endif
-}
-
-bool cpu_avx512_bf16() {
-#if VQK_X86 && defined(__GNUC__)
-  static const bool ok =
-      cpu_avx512() && !env_flag("VQKERNELS_CPU_NO_BF16DP") && __builtin_cpu_supports("avx512bf16");
-  return ok;
-#else
-  return false;
-#endif
-}
+// The CPU features and switches (VQKERNELS_CPU_NO_AVX512 / _NO_VNNI / _NO_BF16DP) live in runtime.h, one
+// place each; these short names keep the kernels readable.
+using cpu::env_flag;
+using cpu::parallel_blocks;
+inline bool cpu_avx512() { return cpu::has_avx512(); }
+inline bool cpu_avx512_vnni() { return cpu::has_avx512_vnni(); }
+inline bool cpu_avx512_bf16() { return cpu::has_avx512_bf16(); }
 
 // Final distance from the best score (mirrors the reference; NaN passes through the clamp).
 inline float finish_distance(int64_t metric, float xnorm, float best) {
@@ -139,53 +110,6 @@ inline float finish_distance(int64_t metric, float xnorm, float best) {
     return v < 0.f ? 0.f : v;
   }
   return 1.f + best;
-}
-
-// Runs worker(next) on up to torch.get_num_threads() threads; next() hands out the block indices
-// 0..nblocks-1 once each (dynamic scheduling: the cores are shared, a static split would wait for
-// the slowest thread), then -1. Block boundaries are fixed by the caller, so results do not depend
-// on the thread count or on which thread ran which block.
-// Built with -fopenmp this runs on torch's OpenMP pool through at::parallel_for. Without it,
-// at::parallel_for (a header template around `#pragma omp parallel`) would silently run serially,
-// so the extra threads are std::threads (cost ~20 us each; small problems stay on one thread).
-template <typename F>
-void parallel_blocks(int64_t nblocks, double work, const F& worker) {
-  std::atomic<int64_t> counter{0};
-  const std::function<int64_t()> next = [&counter, nblocks]() -> int64_t {
-    const int64_t b = counter.fetch_add(1, std::memory_order_relaxed);
-    return b < nblocks ? b : -1;
-  };
-  int64_t nt = at::in_parallel_region() ? 1 : (int64_t)at::get_num_threads();
-  nt = std::min<int64_t>(nt, nblocks);
-  if (work < 4.0e6) nt = 1;  // ~1 ms of work or less: threads cost more than they bring
-  if (nt <= 1) {
-    worker(next);
-    return;
-  }
-#ifdef _OPENMP
-  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) { worker(next); });
-#else
-  std::vector<std::thread> threads;
-  std::vector<std::exception_ptr> errors((size_t)nt);
-  threads.reserve((size_t)(nt - 1));
-  for (int64_t t = 1; t < nt; ++t) {
-    threads.emplace_back([&, t]() {
-      try {
-        worker(next);
-      } catch (...) {
-        errors[(size_t)t] = std::current_exception();
-      }
-    });
-  }
-  try {
-    worker(next);
-  } catch (...) {
-    errors[0] = std::current_exception();
-  }
-  for (auto& th : threads) th.join();
-  for (auto& e : errors)
-    if (e) std::rethrow_exception(e);
-#endif
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -482,15 +406,6 @@ VQK_AVX512BF16 void row_to_bf16(const float* x, int64_t D, int64_t Dp, c10::BFlo
 
 namespace cpu {
 
-bool has_avx512() { return cpu_avx512(); }
-bool has_avx512_bf16() { return cpu_avx512_bf16(); }
-bool has_avx512_vnni() { return cpu_avx512_vnni(); }
-
-void parallel_blocks(int64_t nblocks, double work,
-                     const std::function<void(const std::function<int64_t()>&)>& worker) {
-  vqkernels::parallel_blocks(nblocks, work, worker);
-}
-
 SearchStats search_stats() {
 #if VQK_X86 && defined(__GNUC__)
   return {g_screened_rows.load(), g_rescored.load(), g_plain_rows.load(), g_i8_rows.load()};
@@ -585,7 +500,7 @@ Fp32Search::Fp32Search(const at::Tensor& codebook, int64_t metric) : impl_(new I
   m.alpha = metric == kL2 ? -2.f : -1.f;
   m.NP = (m.K + kPanel - 1) / kPanel;
   m.Kp = m.NP * kPanel;
-  m.i8 = cpu_avx512_vnni() && !env_flag("VQKERNELS_CPU_NO_VNNI") && m.D >= kI8MinD && m.D <= kI8MaxD;
+  m.i8 = cpu_avx512_vnni() && m.D >= kI8MinD && m.D <= kI8MaxD;
   m.screen = !env_flag("VQKERNELS_CPU_NO_SCREEN") && m.D <= kScreenMaxD &&
              (m.i8 || (cpu_avx512_bf16() && m.D >= kScreenMinD));
   const int64_t K = m.K, D = m.D, NP = m.NP;

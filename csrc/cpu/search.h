@@ -8,19 +8,13 @@
 #include <functional>
 #include <memory>
 
+#include "cpu/runtime.h"  // has_avx512*, parallel_blocks
+
 namespace vqkernels {
 namespace cpu {
 
 // Rows per task. Fixed, so that no result depends on the thread count or on which thread ran what.
 constexpr int64_t kSearchBlockRows = 64;
-
-bool has_avx512();       // AVX-512 F/BW/VL/DQ (and not disabled by VQKERNELS_CPU_NO_AVX512)
-bool has_avx512_bf16();  // ... and avx512_bf16 (not disabled by VQKERNELS_CPU_NO_BF16DP)
-bool has_avx512_vnni();  // ... and avx512_vnni (not disabled by VQKERNELS_CPU_NO_VNNI)
-
-// Runs worker(next) on up to torch.get_num_threads() threads; next() hands out 0..nblocks-1 once
-// each, then -1. `work` (multiply-adds) below ~4e6 keeps it on the calling thread.
-void parallel_blocks(int64_t nblocks, double work, const std::function<void(const std::function<int64_t()>&)>& worker);
 
 // Exact fp32 search: for each row the code with the lowest fp32 score (lowest index among equal
 // scores; see csrc/common.h), and its distance. Needs has_avx512(). Construct once per call (packs

@@ -10,6 +10,8 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+
+#include "common.h"
 #include <cstring>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -22,10 +24,7 @@
 namespace vqkernels {
 namespace tile {
 
-struct StridedRows {
-  int64_t T, sb, st, sd;  // rows n = b*T + t at b*sb + t*st, element d at + d*sd
-  int64_t offset(int64_t n) const { return (n / T) * sb + (n % T) * st; }
-};
+using StridedRows = vqkernels::StridedRows;  // the one strided-rows view (common.h)
 
 #if VQK_TILE_X86 && defined(__GNUC__)
 #define VQK_TILE_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))

@@ -30,13 +30,8 @@
 namespace vqkernels {
 namespace {
 
-tile::StridedRows strided_rows(const at::Tensor& t) {
-  if (t.dim() == 3) return {std::max<int64_t>(t.size(1), 1), t.stride(0), t.stride(1), t.stride(2)};
-  return {std::max<int64_t>(t.size(0), 1), 0, t.stride(0), t.stride(1)};
-}
-
 // Rows [n0, n0 + nr) are one matrix with contiguous rows at x + offset(n0), row stride *ld.
-bool rows_dense(const tile::StridedRows& s, int64_t n0, int64_t nr, int64_t* ld) {
+bool rows_dense(const StridedRows& s, int64_t n0, int64_t nr, int64_t* ld) {
   if (s.sd != 1 || n0 % s.T + nr > s.T) return false;  // strided elements, or crosses a batch boundary
   *ld = s.st;
   return true;
@@ -93,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> vector_quantize_fwd_cpu(const at:
     return {zq, at::zeros({}, z.options()), idx};
   }
   const cpu::Fp32Search search(cb, metric);
-  const tile::StridedRows zs = strided_rows(z), qs = strided_rows(zq);
+  const StridedRows zs = StridedRows::of(z), qs = StridedRows::of(zq);
   const float* zp = z.const_data_ptr<float>();
   float* qp = zq.data_ptr<float>();
   int64_t* ip = idx.data_ptr<int64_t>();

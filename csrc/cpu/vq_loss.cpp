@@ -53,44 +53,18 @@ inline double to_f(double v) { return v; }
 template <typename T> struct Acc { using type = float; };
 template <> struct Acc<double> { using type = double; };
 
-// z is (N, D) or (B, T, D), with any strides (a channel-first feature map permuted to (B, H*W, C)
-// is read in place); indices have z's leading shape, any strides.
 void check_common(const at::Tensor& z, const at::Tensor& indices, const char* op) {
-  TORCH_CHECK(z.device().is_cpu(), "cpu ", op, ": z must be a CPU tensor, got ", z.device());
-  TORCH_CHECK(indices.device().is_cpu(), "cpu ", op, ": indices must be a CPU tensor, got ", indices.device());
-  TORCH_CHECK(z.dim() == 2 || z.dim() == 3, "cpu ", op, ": z must be 2-D (N, D) or 3-D (B, T, D), got ", z.dim(),
-              "-D");
-  TORCH_CHECK(indices.scalar_type() == at::kLong, "cpu ", op, ": indices must be int64, got ",
-              indices.scalar_type());
-  TORCH_CHECK(indices.dim() == z.dim() - 1 && indices.sizes() == z.sizes().slice(0, z.dim() - 1), "cpu ", op,
-              ": indices must have shape (N,) = (", z.sizes().slice(0, z.dim() - 1), "), got ", indices.sizes());
-  const auto st = z.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16 || st == at::kDouble, "cpu ", op,
-              ": z must be float32, float16 or bfloat16, got ", st);
+  check_vq_rows(z, indices, op, "cpu");
 }
 
-// Row n of a (N, D) or (B, T, D) tensor with any strides: rows are numbered b * T + t.
-template <typename T>
-struct Rows {
-  T* base;
-  int64_t T_, sb, st, sd;
-  Rows(const at::Tensor& x, T* ptr) : base(ptr) {
-    if (x.dim() == 3) {
-      T_ = std::max<int64_t>(x.size(1), 1);
-      sb = x.stride(0);
-      st = x.stride(1);
-      sd = x.stride(2);
-    } else {
-      T_ = std::max<int64_t>(x.size(0), 1);
-      sb = 0;
-      st = x.stride(0);
-      sd = x.stride(1);
-    }
-  }
-  T* row(int64_t n) const { return base + (n / T_) * sb + (n % T_) * st; }
+// Typed rows of a (N, D) or (B, T, D) tensor: a base pointer over the shared StridedRows view (common.h).
+// (The element type is E: T is StridedRows' row count.)
+template <typename E>
+struct Rows : StridedRows {
+  E* base;
+  Rows(const at::Tensor& x, E* ptr) : StridedRows(StridedRows::of(x)), base(ptr) {}
+  E* row(int64_t n) const { return base + offset(n); }
 };
-
-int64_t rows_of(const at::Tensor& z) { return z.dim() == 3 ? z.size(0) * z.size(1) : z.size(0); }
 
 // Rows are processed in tiles of kTile. A strided layout (sd != 1, e.g. channel-first, where one
 // row's elements lie H*W apart, 4 KiB for a 32x32 map: every element of a row in the same L1 set)
@@ -140,13 +114,7 @@ struct TileOut {
 };
 
 void check_codebook(const at::Tensor& z, const at::Tensor& codebook, const char* op) {
-  TORCH_CHECK(codebook.device().is_cpu(), "cpu ", op, ": codebook must be a CPU tensor, got ", codebook.device());
-  TORCH_CHECK(codebook.dim() == 2, "cpu ", op, ": codebook must be 2-D (K, D), got ", codebook.dim(), "-D");
-  TORCH_CHECK(codebook.size(0) >= 1, "cpu ", op, ": codebook must hold at least one code");
-  TORCH_CHECK(z.size(-1) == codebook.size(1), "cpu ", op, ": z has D=", z.size(-1), " but codebook has D=",
-              codebook.size(1));
-  TORCH_CHECK(z.scalar_type() == codebook.scalar_type(), "cpu ", op, ": z and codebook must share a dtype, got ",
-              z.scalar_type(), " and ", codebook.scalar_type());
+  check_vq_codebook(z, codebook, op, "cpu");
 }
 
 [[noreturn]] void index_error(int64_t bad, int64_t K) {
@@ -418,7 +386,7 @@ void bwd_planes(const at::Tensor& gzq, const at::Tensor& z, const at::Tensor& cb
   const bool avx = cpu::has_avx512();
   const float* cp = cb.const_data_ptr<float>();
   std::vector<float> cbT((size_t)(K * D)), accT(gcb_acc != nullptr ? (size_t)(K * D) : 0);
-  tile::StridedRows cbrows{D, 0, 1, D};  // cbT[d][k] = cb[k][d]: "rows" d of K elements at stride D
+  StridedRows cbrows{D, 0, 1, D};  // cbT[d][k] = cb[k][d]: "rows" d of K elements at stride D
   tile::gather_rows(cp, cbrows, 0, D, K, cbT.data(), K, avx);
   const float* zp = z.const_data_ptr<float>();
   const float* gp = gzq.const_data_ptr<float>();
@@ -438,7 +406,7 @@ void bwd_planes(const at::Tensor& gzq, const at::Tensor& z, const at::Tensor& cb
     }
   });
   if (gcb_acc != nullptr) {  // acc[k][d] = accT[d][k]
-    tile::StridedRows arows{K, 0, 1, K};
+    StridedRows arows{K, 0, 1, K};
     tile::gather_rows(accT.data(), arows, 0, K, D, gcb_acc, D, avx);
   }
 }
@@ -522,7 +490,7 @@ std::tuple<at::Tensor, at::Tensor> vq_loss_bwd_cpu(const at::Tensor& gzq, const 
 std::tuple<at::Tensor, at::Tensor> code_stats_cpu(const at::Tensor& z, const at::Tensor& indices_in,
                                                    int64_t num_codes) {
   check_common(z, indices_in, "code_stats");
-  TORCH_CHECK(num_codes >= 1, "cpu code_stats: num_codes must be >= 1, got ", num_codes);
+  check_num_codes(num_codes, "code_stats", "cpu");
   const at::Tensor indices = indices_in.contiguous();
   const int64_t N = rows_of(z), D = z.size(-1), K = num_codes;
   const auto acc_dtype = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -575,7 +543,7 @@ std::tuple<at::Tensor, at::Tensor> code_usage_cpu(const at::Tensor& indices_in, 
               indices_in.device());
   TORCH_CHECK(indices_in.scalar_type() == at::kLong, "cpu code_usage: indices must be int64, got ",
               indices_in.scalar_type());
-  TORCH_CHECK(num_codes >= 1, "cpu code_usage: num_codes must be >= 1, got ", num_codes);
+  check_num_codes(num_codes, "code_usage", "cpu");
   const at::Tensor indices = indices_in.contiguous();
   const int64_t N = indices.numel(), K = num_codes;
   at::Tensor counts = at::zeros({K}, indices.options());
