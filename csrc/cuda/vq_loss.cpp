@@ -1,14 +1,16 @@
 // The CUDA launchers of the VQ loss ops (vq_loss_fwd, vq_loss_bwd, code_stats, code_usage): argument
-// checks (the same as csrc/cpu/vq_loss.cpp, with "cuda" in the messages), output allocation in z's
+// checks (csrc/common.h, shared with the CPU launchers), output allocation in z's
 // layout (empty_like), stream and device guard, the index-range check, and the TORCH_LIBRARY_IMPL
 // registration. The kernels are in vq_loss_kernels.cu (light includes); see its header comment for
 // the work mapping and what is and is not deterministic.
 //
-// HOST SYNC. Out-of-range indices must raise IndexError, which needs their values on the host: each
-// op queues all of its kernels (an index min/max reduction runs on the device; the kernels skip bad
-// rows, so they never read out of bounds), then copies the two 8-byte results back, which waits for
-// the stream: one synchronisation per op call (as the Triton launcher's min/max). grad_loss is read
-// by the kernels from device memory (never .item()).
+// INDEX RANGE, WITHOUT A HOST SYNC. Indices outside [0, K) are never dereferenced (the kernels skip such
+// rows), and an index min/max reduction runs on the device. By default a one-thread kernel queued after
+// the op's work checks it and stops with a device-side assert (the way torch's embedding reports a bad
+// index on CUDA): the host never waits, so the ops overlap with other work and can be captured in a CUDA
+// graph. VQKERNELS_SYNC_INDEX_CHECK=1 instead copies the two 8-byte results back (waiting for the
+// stream) and raises IndexError as the cpu kernels and the reference do: for debugging. grad_loss is
+// read by the kernels from device memory (never .item()).
 #include <ATen/ATen.h>
 // c10/cuda/CUDAStream.h rather than ATen/cuda/CUDAContext.h (that one pulls in cusparse/cublas headers).
 #include <c10/cuda/CUDAGuard.h>
@@ -17,6 +19,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <tuple>
 
@@ -41,6 +44,7 @@ cudaError_t launch_code_stats(const void* z, const int64_t* zs, const int64_t* i
 cudaError_t launch_code_usage(const int64_t* idx, int64_t N, int64_t K, unsigned long long* counts,
                               float* perplexity, unsigned long long* range, cudaStream_t stream);
 void decode_index_range(unsigned long long r0, unsigned long long r1, int64_t* lo, int64_t* hi);
+cudaError_t launch_index_range_assert(const unsigned long long* range, int64_t K, int op, cudaStream_t stream);
 }  // namespace cuda
 }  // namespace vqkernels
 
@@ -48,59 +52,28 @@ namespace {
 
 using vqkernels::poison_outputs;
 
-// z is (N, D) or (B, T, D), any strides; indices int64 of z's leading shape, any strides.
 void check_common(const at::Tensor& z, const at::Tensor& indices, const char* op) {
-  TORCH_CHECK(z.is_cuda(), "cuda ", op, ": z must be a CUDA tensor, got one on ", z.device());
-  TORCH_CHECK(indices.is_cuda(), "cuda ", op, ": indices must be a CUDA tensor, got one on ", indices.device());
-  TORCH_CHECK(indices.device() == z.device(), "cuda ", op, ": z and indices must be on one device, got ",
-              z.device(), " and ", indices.device());
-  TORCH_CHECK(z.dim() == 2 || z.dim() == 3, "cuda ", op, ": z must be 2-D (N, D) or 3-D (B, T, D), got ", z.dim(),
-              "-D");
-  TORCH_CHECK(indices.scalar_type() == at::kLong, "cuda ", op, ": indices must be int64, got ",
-              indices.scalar_type());
-  TORCH_CHECK(indices.dim() == z.dim() - 1 && indices.sizes() == z.sizes().slice(0, z.dim() - 1), "cuda ", op,
-              ": indices must have shape (N,) = (", z.sizes().slice(0, z.dim() - 1), "), got ", indices.sizes());
-  const auto st = z.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kHalf || st == at::kBFloat16, "cuda ", op,
-              ": z must be float32, float16 or bfloat16, got ", st);
+  vqkernels::check_vq_rows(z, indices, op, "cuda");
 }
 
 void check_codebook(const at::Tensor& z, const at::Tensor& codebook, const char* op) {
-  TORCH_CHECK(codebook.is_cuda(), "cuda ", op, ": codebook must be a CUDA tensor, got one on ", codebook.device());
-  TORCH_CHECK(codebook.device() == z.device(), "cuda ", op, ": z and codebook must be on one device, got ",
-              z.device(), " and ", codebook.device());
-  TORCH_CHECK(codebook.dim() == 2, "cuda ", op, ": codebook must be 2-D (K, D), got ", codebook.dim(), "-D");
-  TORCH_CHECK(codebook.size(0) >= 1, "cuda ", op, ": codebook must hold at least one code");
-  TORCH_CHECK(z.size(-1) == codebook.size(1), "cuda ", op, ": z has D=", z.size(-1), " but codebook has D=",
-              codebook.size(1));
-  TORCH_CHECK(z.scalar_type() == codebook.scalar_type(), "cuda ", op, ": z and codebook must share a dtype, got ",
-              z.scalar_type(), " and ", codebook.scalar_type());
+  vqkernels::check_vq_codebook(z, codebook, op, "cuda");
 }
 
 int dtype_id(at::ScalarType st) { return st == at::kFloat ? 0 : st == at::kHalf ? 1 : 2; }
 
-int64_t rows_of(const at::Tensor& z) { return z.dim() == 3 ? z.size(0) * z.size(1) : z.size(0); }
+using vqkernels::rows_of;
 
 // T of the (B, T, D) row numbering (n = b * T + t); 2-D tensors are (1, N, D). At least 1.
 int64_t t_of(const at::Tensor& z) { return std::max<int64_t>(z.dim() == 3 ? z.size(1) : z.size(0), 1); }
 
-// {sb, st, sd} of a (B, T, D) or (N, D) tensor; the stride of a size-1 dimension is never used to
-// move, so it is normalised (0 for b and t, 1 for d) to not block the vectorised path.
+// {sb, st, sd} of a (B, T, D) or (N, D) tensor, as the kernels take them (from the shared StridedRows view).
 struct Strides {
   int64_t s[3];
 };
 Strides strides_of(const at::Tensor& x) {
-  Strides r;
-  if (x.dim() == 3) {
-    r.s[0] = x.size(0) == 1 ? 0 : x.stride(0);
-    r.s[1] = x.size(1) == 1 ? 0 : x.stride(1);
-    r.s[2] = x.size(2) == 1 ? 1 : x.stride(2);
-  } else {
-    r.s[0] = 0;
-    r.s[1] = x.size(0) == 1 ? 0 : x.stride(0);
-    r.s[2] = x.size(1) == 1 ? 1 : x.stride(1);
-  }
-  return r;
+  const vqkernels::StridedRows r = vqkernels::StridedRows::of(x);
+  return {{r.sb, r.st, r.sd}};
 }
 
 cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.get_device()).stream(); }
@@ -110,10 +83,20 @@ void check_launch(cudaError_t err, const char* op, int64_t N, int64_t K, int64_t
               cudaGetErrorString(err));
 }
 
-// Reads back the device min/max of the indices (waits for the stream) and raises IndexError as the
-// cpu kernels and the reference do. N = 0: nothing to check.
-void check_range(const at::Tensor& range, int64_t N, int64_t K) {
+bool sync_index_check() {
+  const char* v = std::getenv("VQKERNELS_SYNC_INDEX_CHECK");  // read per call: cheap, and tests toggle it
+  return v != nullptr && v[0] != '\0' && v[0] != '0';
+}
+
+// Checks the indices' device min/max (see INDEX RANGE above). op: 0 fwd, 1 bwd, 2 code_stats, 3 code_usage.
+void check_range(const at::Tensor& range, int64_t N, int64_t K, int op, cudaStream_t stream) {
   if (N <= 0) return;
+  if (!sync_index_check()) {
+    const cudaError_t err = vqkernels::cuda::launch_index_range_assert(
+        reinterpret_cast<const unsigned long long*>(range.const_data_ptr<int64_t>()), K, op, stream);
+    TORCH_CHECK(err == cudaSuccess, "cuda index range check: launch failed: ", cudaGetErrorString(err));
+    return;
+  }
   const at::Tensor host = range.to(at::kCPU);  // synchronises with the current stream
   const int64_t* r = host.const_data_ptr<int64_t>();
   int64_t lo = 0, hi = 0;
@@ -150,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor> vq_loss_fwd_cuda(const at::Tensor& z, const a
       dtype_id(z.scalar_type()), N, t_of(z), K, D, scale, work.data_ptr<double>(), loss.data_ptr<float>(),
       reinterpret_cast<unsigned long long*>(range.data_ptr<int64_t>()), stream_of(z));
   check_launch(err, "vq_loss_fwd", N, K, D, z.scalar_type());
-  check_range(range, N, K);
+  check_range(range, N, K, 0, stream_of(z));
   return {zq, loss};
 }
 
@@ -194,14 +177,14 @@ std::tuple<at::Tensor, at::Tensor> vq_loss_bwd_cuda(const at::Tensor& gzq, const
       mul_z, mul_cb, dtype_id(z.scalar_type()), N, t_of(z), K, D, need_grad_z, run_gcb,
       reinterpret_cast<unsigned long long*>(range.data_ptr<int64_t>()), stream_of(z));
   check_launch(err, "vq_loss_bwd", N, K, D, z.scalar_type());
-  check_range(range, N, K);
+  check_range(range, N, K, 1, stream_of(z));
   return {gz, gcb};
 }
 
 std::tuple<at::Tensor, at::Tensor> code_stats_cuda(const at::Tensor& z, const at::Tensor& indices_in,
                                                     int64_t num_codes) {
   check_common(z, indices_in, "code_stats");
-  TORCH_CHECK(num_codes >= 1, "cuda code_stats: num_codes must be >= 1, got ", num_codes);
+  vqkernels::check_num_codes(num_codes, "code_stats", "cuda");
   c10::cuda::CUDAGuard guard(z.device());
   const at::Tensor indices = indices_in.contiguous();
   const int64_t N = rows_of(z), D = z.size(-1), K = num_codes;
@@ -217,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor> code_stats_cuda(const at::Tensor& z, const at
       reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>()), counts.data_ptr<float>(),
       sums.data_ptr<float>(), reinterpret_cast<unsigned long long*>(range.data_ptr<int64_t>()), stream_of(z));
   check_launch(err, "code_stats", N, K, D, z.scalar_type());
-  check_range(range, N, K);
+  check_range(range, N, K, 2, stream_of(z));
   return {counts, sums};
 }
 
@@ -226,7 +209,7 @@ std::tuple<at::Tensor, at::Tensor> code_usage_cuda(const at::Tensor& indices_in,
               indices_in.device());
   TORCH_CHECK(indices_in.scalar_type() == at::kLong, "cuda code_usage: indices must be int64, got ",
               indices_in.scalar_type());
-  TORCH_CHECK(num_codes >= 1, "cuda code_usage: num_codes must be >= 1, got ", num_codes);
+  vqkernels::check_num_codes(num_codes, "code_usage", "cuda");
   c10::cuda::CUDAGuard guard(indices_in.device());
   const at::Tensor indices = indices_in.contiguous();
   const int64_t N = indices.numel(), K = num_codes;
@@ -239,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor> code_usage_cuda(const at::Tensor& indices_in,
       perplexity.data_ptr<float>(), reinterpret_cast<unsigned long long*>(range.data_ptr<int64_t>()),
       stream_of(indices));
   check_launch(err, "code_usage", N, K, 0, at::kLong);
-  check_range(range, N, K);
+  check_range(range, N, K, 3, stream_of(indices));
   return {counts, perplexity};
 }
 

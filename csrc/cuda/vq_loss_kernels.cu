@@ -32,9 +32,11 @@
 //    (float4 atomics on sm_90), in whatever order the CTAs run: their last bits may differ from run to
 //    run, as on the Triton path. Use the cpu backend where bit-reproducibility matters.
 // Index range: every kernel skips (never dereferences) a row whose index lies outside [0, K);
-// index_scan_kernel reduces min and max of the indices on the device and the launcher raises
-// IndexError after reading them back (the one host sync of each op, after all of its work is queued).
+// index_scan_kernel reduces min and max of the indices on the device; index_range_assert_kernel then
+// traps on the device if one is out of range (no host sync), or, under VQKERNELS_SYNC_INDEX_CHECK=1, the
+// launcher reads them back and raises IndexError (one host sync per op; for debugging).
 #include <cuda_runtime.h>
+#include <cstdio>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #include <cstdint>
@@ -557,6 +559,28 @@ cudaError_t launch_code_usage(const int64_t* idx, int64_t N, int64_t K, unsigned
   if ((err = cudaMemsetAsync(counts, 0, (size_t)K * sizeof(unsigned long long), stream)) != cudaSuccess) return err;
   if ((err = scan_indices(idx, N, K, counts, range, stream)) != cudaSuccess) return err;
   perplexity_kernel<<<1, kThreads, 0, stream>>>(counts, K, (double)(N > 1 ? N : 1), perplexity);
+  return cudaGetLastError();
+}
+
+namespace {
+// The asynchronous range check: one thread reads what index_scan_kernel left in `range` and, if an index
+// lies outside [0, K), prints which and stops the kernel with a device-side assert (as torch's own
+// embedding and index ops do on CUDA). Queued after the op's kernels, it never makes the host wait, so
+// the ops stay graph-capturable. The error surfaces at the next synchronisation.
+__global__ void index_range_assert_kernel(const unsigned long long* __restrict__ range, int64_t K, int op) {
+  const int64_t hi = (int64_t)(range[0] ^ kSign);
+  const int64_t lo = (int64_t)((~range[1]) ^ kSign);
+  if (lo < 0 || hi >= K) {
+    const char* name = op == 0 ? "vq_loss_fwd" : op == 1 ? "vq_loss_bwd" : op == 2 ? "code_stats" : "code_usage";
+    printf("vqkernels %s: indices out of range: got index %lld, codes are numbered 0..%lld (K=%lld)\n", name,
+           (long long)(lo < 0 ? lo : hi), (long long)(K - 1), (long long)K);
+    __trap();
+  }
+}
+}  // namespace
+
+cudaError_t launch_index_range_assert(const unsigned long long* range, int64_t K, int op, cudaStream_t stream) {
+  index_range_assert_kernel<<<1, 1, 0, stream>>>(range, K, op);
   return cudaGetLastError();
 }
 
