@@ -1,13 +1,11 @@
 """What every op's tests share: which device a backend's test runs on, and skipping with reasons."""
-import os
-
 import pytest
 import torch
 
 from vqkernels import _backend
 
 HAS_CUDA = torch.cuda.is_available()
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+INTERPRETED = _backend.triton_interpreter()
 BACKENDS = ["torch", "cpu", "triton", "cuda"]
 
 
@@ -24,9 +22,9 @@ def device_for(backend: str) -> str:
     return "cuda" if HAS_CUDA else "cpu"
 
 
-def require(op: str, backend: str, *args):
-    """Skip, with the dispatcher's reasons, when ``backend`` cannot run ``op`` on these inputs here."""
-    reasons = _backend.not_supported_reasons(op, backend, *args)
+def require(op: str, backend: str, **args):
+    """Skip, with the dispatcher's reasons, when ``backend`` cannot run ``op`` on these (named) arguments here."""
+    reasons = _backend.not_supported_reasons(op, backend, **args)
     if reasons:
         pytest.skip(f"{backend} cannot run {op} here: " + "; ".join(reasons))
 

@@ -14,6 +14,7 @@ import torch
 import vqkernels
 from vqkernels import _backend, nearest_code, vector_quantize
 from vqkernels.ops import vq_loss as vl
+from vqkernels.ops._layout import as_btd
 from vqkernels.testing import check_nearest, exact_distances, make_inputs
 
 from helpers import require, with_threads  # noqa: E402
@@ -46,7 +47,7 @@ def use_screen(screen, monkeypatch):
 
 
 def require_fused(z, cb):
-    require(vl.OP_FUSED, "cpu", vl._as_btd(z), cb)
+    require(vl.OP_VQ, "cpu", z=as_btd(z), codebook=cb)
 
 
 def _stats():
@@ -328,7 +329,7 @@ def test_other_dtypes_compose_instead():
     z = torch.randn(20, 16, dtype=torch.bfloat16)
     cb = torch.randn(10, 16, dtype=torch.bfloat16)
     _C()
-    reasons = _backend.not_supported_reasons(vl.OP_FUSED, "cpu", vl._as_btd(z), cb)
+    reasons = _backend.not_supported_reasons(vl.OP_VQ, "cpu", z=as_btd(z), codebook=cb)
     assert any("float32" in r for r in reasons)
     zq, loss, idx = vector_quantize(z, cb, backend="cpu")  # nearest_code + vq_loss on the cpu backend
     assert torch.equal(zq, cb[idx])

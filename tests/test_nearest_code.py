@@ -22,7 +22,8 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 def require(backend, x, cb, metric="l2", allow_tf32=False):
     """Skip, with the dispatcher's reasons, when ``backend`` cannot run nearest_code on these inputs here."""
-    require_op(nc.OP, backend, x.reshape(-1, x.shape[-1]), cb, nc.METRICS[metric], allow_tf32)
+    require_op(nc.OP, backend, x=x.reshape(-1, x.shape[-1]), codebook=cb, metric=nc.METRICS[metric],
+               allow_tf32=allow_tf32)
 
 
 def run(backend, x, cb, **kw):
@@ -100,20 +101,30 @@ def test_well_separated_codes_give_exact_indices(backend, D):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 def test_exact_ties_pick_the_lowest_index(backend, dtype):
-    """Planted duplicate codes: among exactly equal scores the lowest index wins, as torch.argmin."""
+    """Planted duplicate codes: among exactly equal scores the lowest index wins, as torch.argmin.
+
+    The data are small integers (|code| <= 3, |x| <= 4, D = 16): every value is exact in bf16/fp16,
+    and every product, norm and partial sum is an integer below 2^11, exact in any summation order
+    and any precision the kernels accumulate in. So the scores of identical codes are bit-identical
+    whatever the arithmetic underneath (e.g. the interpreter's tl.dot is numpy's BLAS, whose results
+    for equal columns differ by position under some OPENBLAS_CORETYPE), and a failure here can only
+    be a tie-breaking bug. Integer data also make distinct codes tie often, which is stressed too.
+    """
     g = torch.Generator().manual_seed(5)
     K, D, N = 600, 16, 300
-    base = torch.randn(K, D, generator=g) * 4
+    base = torch.randint(-3, 4, (K, D), generator=g).float()
     # codes k and k + 300 are identical, and so are the copies spread across code tiles
     base[300:] = base[:300]
     base[599] = base[7]
     dev = device_for(backend)
     cb = base.to(dtype).to(dev)
     pick = torch.randint(0, 300, (N,), generator=g)
-    x = (base[pick] + 0.05 * torch.randn(N, D, generator=g)).to(dtype).to(dev)
+    x = (base[pick] + torch.randint(-1, 2, (N, D), generator=g).float()).to(dtype).to(dev)
     idx, dist = run(backend, x, cb)
     check_nearest(x, cb, idx, dist)
     assert int(idx.max()) < 300, "a duplicate with a higher index won a tie"
+    # exact scores: the answer is exactly torch.argmin's (the first minimum) over float64 distances
+    assert torch.equal(idx.cpu(), exact_distances(x.cpu(), cb.cpu()).argmin(1)), "not the lowest index among ties"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

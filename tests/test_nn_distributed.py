@@ -84,10 +84,10 @@ def test_two_ranks_match_one_process_on_the_concatenated_batch(tmp_path):
 
 
 def test_sync_is_off_without_a_process_group():
-    from vqkernels.nn import _distributed as D
+    from vqkernels.nn import _distributed as dist_sync
 
     assert not dist.is_initialized()
-    assert not D.sync_enabled(None) and not D.sync_enabled(True) and not D.sync_enabled(False)
+    assert not dist_sync.sync_enabled(None) and not dist_sync.sync_enabled(True) and not dist_sync.sync_enabled(False)
 
 
 if __name__ == "__main__":  # pragma: no cover

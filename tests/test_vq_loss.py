@@ -13,7 +13,10 @@ import torch.nn.functional as F
 
 import vqkernels
 from vqkernels import BackendNotSupported, _backend, code_stats, code_usage, ema_update_, vector_quantize, vq_loss
+from vqkernels.ops import code_stats as cs
 from vqkernels.ops import vq_loss as vl
+from vqkernels.ops._layout import as_btd
+from vqkernels.ops.code_stats import reference as cs_ref
 from vqkernels.ops.vq_loss import reference as ref
 from vqkernels.testing import check_nearest, make_inputs
 
@@ -24,7 +27,7 @@ DTYPE_ID = lambda d: str(d).replace("torch.", "")  # noqa: E731
 
 
 def require_loss(backend, z, cb, idx):
-    require(vl.OP_LOSS, backend, z.reshape(-1, z.shape[-1]), cb, idx.reshape(-1))
+    require(vl.OP, backend, z=z.reshape(-1, z.shape[-1]), codebook=cb, indices=idx.reshape(-1))
 
 
 def inputs(N, K, D, dtype, device, *, seed, lead=(), noncontiguous=False, grad=True):
@@ -146,7 +149,7 @@ def test_channel_first_feature_map_in_place(backend, lead):
     gout = torch.randn(B, C, H, W, generator=g).to(dev)
     z = x.permute(0, 2, 3, 1)
     require_loss(backend, z, cb, idx)
-    z3 = vl._as_btd(z)
+    z3 = as_btd(z)
     assert z3.data_ptr() == z.data_ptr(), "the permuted map must be viewed, not copied"
     zq, loss = vq_loss(z, cb, idx, backend=backend)
     assert zq.shape == z.shape
@@ -160,7 +163,7 @@ def test_channel_first_feature_map_in_place(backend, lead):
     assert_close(x.grad.permute(0, 2, 3, 1), wgz, torch.float32, "grad z")
     assert_close(cb.grad, wgcb, torch.float32, "grad codebook")
     # statistics read the map in place too
-    if not _backend.not_supported_reasons(vl.OP_STATS, backend, z3, idx.reshape(z3.shape[:2]), K):
+    if not _backend.not_supported_reasons(cs.OP, backend, z=z3, indices=idx.reshape(z3.shape[:2]), num_codes=K):
         counts, sums = code_stats(z, idx, K, backend=backend)
         want = torch.zeros(K, C, dtype=torch.float64).index_add_(0, idx.reshape(-1).cpu(),
                                                                  z.detach().reshape(-1, C).double().cpu())
@@ -170,14 +173,14 @@ def test_channel_first_feature_map_in_place(backend, lead):
 def test_as_btd_views_or_copies():
     t = torch.randn(4, 6, 5, 3)
     for v in (t, t.permute(0, 2, 1, 3), t[:, ::2], t.transpose(0, 1), t[0, 0, 0], t[..., :1, :]):
-        b = vl._as_btd(v)
+        b = as_btd(v)
         assert b.dim() == 3 and b.shape[-1] == v.shape[-1]
         assert torch.equal(b.reshape(-1, v.shape[-1]), v.reshape(-1, v.shape[-1]))
     fmap = torch.randn(4, 3, 5, 6)  # (B, C, H, W)
-    assert vl._as_btd(fmap.permute(0, 2, 3, 1)).data_ptr() == fmap.data_ptr()
-    assert vl._as_btd(fmap.permute(0, 2, 3, 1)).shape == (4, 30, 3)
+    assert as_btd(fmap.permute(0, 2, 3, 1)).data_ptr() == fmap.data_ptr()
+    assert as_btd(fmap.permute(0, 2, 3, 1)).shape == (4, 30, 3)
     odd = t.permute(2, 0, 1, 3)  # (5, 4, 6, 3) with strides no split can merge
-    assert torch.equal(vl._as_btd(odd).reshape(-1, 3), odd.reshape(-1, 3))
+    assert torch.equal(as_btd(odd).reshape(-1, 3), odd.reshape(-1, 3))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -267,8 +270,8 @@ def test_reference_chunks_give_the_same_answer():
     a = ref.vq_loss_bwd_reference(gzq, gl, z, cb, idx, 1.0, 0.25, max_chunk_elems=5)
     b = ref.vq_loss_bwd_reference(gzq, gl, z, cb, idx, 1.0, 0.25)
     assert torch.allclose(a[0], b[0]) and torch.allclose(a[1], b[1], atol=1e-7)
-    a = ref.code_stats_reference(z, idx, 30, max_chunk_elems=5)
-    b = ref.code_stats_reference(z, idx, 30)
+    a = cs_ref.code_stats_reference(z, idx, 30, max_chunk_elems=5)
+    b = cs_ref.code_stats_reference(z, idx, 30)
     assert torch.equal(a[0], b[0]) and torch.allclose(a[1], b[1], atol=1e-6)
 
 
@@ -278,7 +281,8 @@ def test_reference_chunks_give_the_same_answer():
 def _search_reasons(backend, z, cb, metric):
     from vqkernels.ops import nearest_code as nc
 
-    return _backend.not_supported_reasons(nc.OP, backend, z.reshape(-1, z.shape[-1]), cb, nc.METRICS[metric], False)
+    return _backend.not_supported_reasons(nc.OP, backend, x=z.reshape(-1, z.shape[-1]), codebook=cb,
+                                         metric=nc.METRICS[metric], allow_tf32=False)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -385,8 +389,8 @@ def test_ema_after_several_steps(backend, zdtype):
     K, D = 50, 12
     g = torch.Generator().manual_seed(1)
     embed = torch.randn(K, D, generator=g).to(dev)
-    require(vl.OP_STATS, backend, torch.empty(1, D, dtype=zdtype, device=dev), torch.empty(1, dtype=torch.long,
-            device=dev), K)
+    require(cs.OP, backend, z=torch.empty(1, D, dtype=zdtype, device=dev),
+            indices=torch.empty(1, dtype=torch.long, device=dev), num_codes=K)
     bufs = [embed.clone(), torch.ones(K, device=dev), embed.clone()]
     want = [embed.clone(), torch.ones(K, device=dev), embed.clone()]
     for step in range(6):
@@ -404,7 +408,7 @@ def test_ema_after_several_steps(backend, zdtype):
 def test_code_stats_and_ema_from_stats(backend):
     dev = device_for(backend)
     z, _, idx, _ = inputs(333, 17, 5, torch.float32, dev, seed=2, lead=(2,), noncontiguous=True, grad=False)
-    require(vl.OP_STATS, backend, z.reshape(-1, 5), idx.reshape(-1), 17)
+    require(cs.OP, backend, z=z.reshape(-1, 5), indices=idx.reshape(-1), num_codes=17)
     counts, sums = code_stats(z, idx, 17, backend=backend)
     assert counts.dtype == torch.float32 and sums.dtype == torch.float32
     assert torch.equal(counts.cpu(), torch.bincount(idx.reshape(-1).cpu(), minlength=17).float())
@@ -425,6 +429,27 @@ def test_code_stats_and_ema_from_stats(backend):
     assert counts.sum() == 3 and sums.shape == (1000, 5)
 
 
+def test_triton_code_stats_counts_exactly_past_2_24():
+    """The Triton counts are int64 atomics: float32 ones stop growing at 2^24 per code (2^24 + 1 rounds back).
+
+    Counting 2^24 rows under the interpreter would take minutes, so the accumulating launcher starts from
+    a count of 2^24 already there: the five new rows must all arrive."""
+    dev = device_for("triton")
+    z = torch.arange(7 * 3, dtype=torch.float32).reshape(7, 3).to(dev)
+    idx = torch.tensor([0, 2, 0, 0, 1, 0, 0]).to(dev)
+    require(cs.OP, "triton", z=z, indices=idx, num_codes=3)
+    from vqkernels.ops.code_stats import triton as tr
+
+    counts = torch.tensor([2**24, 0, 2**40], dtype=torch.int64, device=dev)
+    sums = torch.zeros(3, 3, device=dev)
+    tr.accumulate_code_stats_(z, idx, counts, sums)
+    assert counts.cpu().tolist() == [2**24 + 5, 1, 2**40 + 1]
+    want = torch.zeros(3, 3).index_add_(0, idx.cpu(), z.cpu())
+    assert torch.equal(sums.cpu(), want)  # small integers: exact in any order
+    with pytest.raises(TypeError, match="counts must be int64"):
+        tr.accumulate_code_stats_(z, idx, counts.float(), sums)
+
+
 # ---------------------------------------------------------------------------------------------
 # code_usage
 
@@ -436,7 +461,7 @@ def test_code_usage_matches_bincount(backend, NK):
     g = torch.Generator().manual_seed(N + K)
     idx = torch.randint(0, K, (N,), generator=g)
     idx[: N // 2] = torch.randint(0, max(1, K // 10), (N // 2,), generator=g)
-    require(vl.OP_USAGE, backend, idx.to(dev), K)
+    require(cs.OP_USAGE, backend, indices=idx.to(dev), num_codes=K)
     counts, perplexity = code_usage(idx.to(dev).reshape(1, -1), K, backend=backend)
     assert counts.dtype == torch.int64 and perplexity.dtype == torch.float32 and perplexity.shape == ()
     assert torch.equal(counts.cpu(), torch.bincount(idx, minlength=K))
@@ -494,30 +519,34 @@ def test_bad_input_errors(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bad", [5, -1, 1 << 40])
-def test_indices_out_of_range_raise_on_every_backend(backend, bad):
+def test_indices_out_of_range_raise_on_every_backend(backend, bad, monkeypatch):
     dev = device_for(backend)
+    # The CUDA kernels check the range on the device without a host sync (a device-side error, tested in
+    # tests/test_gpu_only.py); the synchronous IndexError, as on every other backend, is opted into here.
+    monkeypatch.setenv("VQKERNELS_SYNC_INDEX_CHECK", "1")
     z, cb, idx, _ = inputs(40, 5, 8, torch.float32, dev, seed=1, grad=False)
     idx[17] = bad
     zr = z.clone().requires_grad_(True)
     checked = 0
     for op, args, call in [
-        (vl.OP_LOSS, (z, cb, idx), lambda: vq_loss(zr, cb, idx, backend=backend)),
-        (vl.OP_STATS, (z, idx, 5), lambda: code_stats(z, idx, 5, backend=backend)),
-        (vl.OP_STATS, (z, idx, 5), lambda: ema_update_(cb.clone(), torch.ones(5, device=dev), cb.clone(), z, idx,
-                                                       decay=0.9, backend=backend)),
-        (vl.OP_USAGE, (idx, 5), lambda: code_usage(idx, 5, backend=backend)),
+        (vl.OP, dict(z=z, codebook=cb, indices=idx), lambda: vq_loss(zr, cb, idx, backend=backend)),
+        (cs.OP, dict(z=z, indices=idx, num_codes=5), lambda: code_stats(z, idx, 5, backend=backend)),
+        (cs.OP, dict(z=z, indices=idx, num_codes=5), lambda: ema_update_(cb.clone(), torch.ones(5, device=dev),
+                                                                         cb.clone(), z, idx, decay=0.9,
+                                                                         backend=backend)),
+        (cs.OP_USAGE, dict(indices=idx, num_codes=5), lambda: code_usage(idx, 5, backend=backend)),
     ]:
-        if _backend.not_supported_reasons(op, backend, *args):
+        if _backend.not_supported_reasons(op, backend, **args):
             continue
         with pytest.raises(IndexError, match=rf"indices out of range: got index {bad}, .*K=5"):
             call()
         checked += 1
     if backend != "cuda" and not checked:
-        require(vl.OP_LOSS, backend, z, cb, idx)
+        require(vl.OP, backend, z=z, codebook=cb, indices=idx)
     if not checked:
         pytest.skip(f"{backend} runs none of these ops here")
     # the backward op checks too
-    if not _backend.not_supported_reasons(vl.OP_LOSS, backend, z, cb, idx):
+    if not _backend.not_supported_reasons(vl.OP, backend, z=z, codebook=cb, indices=idx):
         with pytest.raises(IndexError, match="indices out of range"):
             vl._vq_loss_backward_op(z, torch.tensor(1.0, device=dev), z, cb, idx, 1.0, 0.25, True, True, backend)
 
@@ -533,7 +562,7 @@ def test_named_backend_that_cannot_run_raises_with_reasons():
 
 def test_c_kernels_check_their_own_arguments():
     if not hasattr(torch.ops.vqkernels_C, "vq_loss_fwd") or _backend.not_supported_reasons(
-            vl.OP_LOSS, "cpu", torch.empty(1, 1), torch.empty(1, 1), torch.empty(1, dtype=torch.long)):
+            vl.OP, "cpu", z=torch.empty(1, 1), codebook=torch.empty(1, 1), indices=torch.empty(1, dtype=torch.long)):
         pytest.skip("the cpu vq_loss kernels were not built")
     ops = torch.ops.vqkernels_C
     z, cb, idx = torch.randn(4, 3), torch.randn(5, 3), torch.zeros(4, dtype=torch.long)
@@ -577,14 +606,14 @@ def test_opcheck(backend):
     gl = torch.tensor(1.3, device=dev)
     for nz, ncb in ((True, True), (True, False), (False, True)):
         torch.library.opcheck(vl._vq_loss_backward_op, (gzq, gl, zd, cd, idx, 1.0, 0.25, nz, ncb, backend))
-    if not _backend.not_supported_reasons(vl.OP_STATS, backend, zd, idx, 19):
-        torch.library.opcheck(vl._code_stats_op, (zd, idx, 19, backend))
+    if not _backend.not_supported_reasons(cs.OP, backend, z=zd, indices=idx, num_codes=19):
+        torch.library.opcheck(cs._code_stats_op, (zd, idx, 19, backend))
         bufs = (cd.clone(), torch.ones(19, device=dev), cd.clone())
-        torch.library.opcheck(vl._ema_update_op, (*bufs, zd, idx, 0.9, 1e-5, backend))
-    if not _backend.not_supported_reasons(vl.OP_USAGE, backend, idx, 19):
-        torch.library.opcheck(vl._code_usage_op, (idx, 19, backend))
+        torch.library.opcheck(cs._ema_update_op, (*bufs, zd, idx, 0.9, 1e-5, backend))
+    if not _backend.not_supported_reasons(cs.OP_USAGE, backend, indices=idx, num_codes=19):
+        torch.library.opcheck(cs._code_usage_op, (idx, 19, backend))
     bufs = (cd.clone(), torch.ones(19, device=dev), cd.clone())
-    torch.library.opcheck(vl._ema_update_from_stats_op, (*bufs, torch.rand(19, device=dev), cd.clone(), 0.9, 1e-5))
+    torch.library.opcheck(cs._ema_update_from_stats_op, (*bufs, torch.rand(19, device=dev), cd.clone(), 0.9, 1e-5))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -10,7 +10,8 @@ __version__ = "0.1.0"
 from ._backend import BACKENDS, BackendNotSupported, use_backend
 from .nn import VectorQuantize, VectorQuantizer
 from .ops.nearest_code import nearest_code
-from .ops.vq_loss import code_stats, code_usage, ema_update_, ema_update_from_stats_, vector_quantize, vq_loss
+from .ops.code_stats import code_stats, code_usage, ema_update_, ema_update_from_stats_
+from .ops.vq_loss import vector_quantize, vq_loss
 
 __all__ = [
     "BACKENDS", "BackendNotSupported", "use_backend", "info", "__version__",

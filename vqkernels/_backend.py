@@ -1,9 +1,10 @@
 """Which kernel runs: one module owns that choice.
 
-Every op registers, for each backend (``torch``, ``cpu``, ``triton``, ``cuda``), a function that
-returns the reasons that backend cannot take a given input (an empty list: it can). The choice
-depends only on devices, dtypes, shapes, what was built and the override -- never on tensor values,
-so a compiled graph stays valid.
+Every op declares, as data, what each of its backends (``torch``, ``cpu``, ``triton``, ``cuda``) can
+take (:func:`declare`, :class:`Capability`: devices, dtypes, what must be built, a limit over the op's
+named arguments); the reasons a backend cannot take a given input (an empty list: it can) are derived
+from that, in one place. The choice depends only on devices, dtypes, shapes, what was built and the
+override -- never on tensor values, so a compiled graph stays valid.
 
 The override, strongest first: the ``backend=`` argument of the functional API, the innermost
 ``use_backend(...)`` context, the ``VQKERNELS_BACKEND`` environment variable, else ``"auto"``.
@@ -30,25 +31,11 @@ PRIORITY = {
 }
 DEFAULT_PRIORITY = ("torch",)
 
-ReasonsFn = Callable[..., list]
-_REGISTRY: dict[str, dict[str, ReasonsFn]] = {}
 _OVERRIDE: contextvars.ContextVar[str | None] = contextvars.ContextVar("vqkernels_backend", default=None)
 
 
 class BackendNotSupported(RuntimeError):
     """A requested backend (or every backend, for ``auto``) cannot take the input."""
-
-
-def register(op: str, backend: str) -> Callable[[ReasonsFn], ReasonsFn]:
-    """Decorator: ``fn(*args, **kwargs) -> list[str]`` gives the reasons ``backend`` cannot run ``op``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-
-    def deco(fn: ReasonsFn) -> ReasonsFn:
-        _REGISTRY.setdefault(op, {})[backend] = fn
-        return fn
-
-    return deco
 
 
 # --------------------------------------------------------------------------------------------
@@ -80,41 +67,44 @@ class OpSpec:
     primary: str  # the named argument whose device and dtype decide
     backends: dict  # backend name -> Capability
     probe: Callable | None = None  # probe(device: str, dtype) -> dict of small named example args (for `info`)
-    priority: dict | None = None  # device type -> backends, fastest first, where the op differs from PRIORITY
+    # device type -> backends, fastest first, where the op differs from PRIORITY; or a function
+    # priority(device_type, **args) -> such a tuple (or None: PRIORITY), for shape-dependent orders.
+    # Shapes only, never values: a compiled graph's choice must stay valid.
+    priority: dict | Callable | None = None
+    # The implementation that runs where no declared backend can (e.g. "compose": an op built from
+    # other ops, each of which selects its own backend); None: such input raises BackendNotSupported.
+    fallback: str | None = None
 
 
 _SPECS: dict[str, OpSpec] = {}
 
 
-def declare(op: str, *, primary: str, probe: Callable | None = None, priority: dict | None = None,
-            **backends: Capability) -> OpSpec:
+def declare(op: str, *, primary: str, probe: Callable | None = None, priority: dict | Callable | None = None,
+            fallback: str | None = None, **backends: Capability) -> OpSpec:
     """Declare ``op``'s backends: ``declare("attention", primary="q", torch=Capability(...), cpu=...)``."""
     for b in backends:
         if b not in BACKENDS:
             raise ValueError(f"unknown backend {b!r}; expected one of {BACKENDS}")
-    spec = OpSpec(op, primary, dict(backends), probe, priority)
+    spec = OpSpec(op, primary, dict(backends), probe, priority, fallback)
     _SPECS[op] = spec
     return spec
 
 
 def declared_ops() -> list[str]:
-    """Every op with a declared (or legacy-registered) backend table, in declaration order."""
-    return list(dict.fromkeys(list(_SPECS) + list(_REGISTRY)))
+    """Every op with a declared backend table, in declaration order."""
+    return list(_SPECS)
 
 
 def _build_reason(needs: str | None, kernels: tuple) -> list[str]:
-    if needs == "_C.cpu":
-        if not has_cpu_kernels():
-            err = c_extension_error()
-            return ["vqkernels._C was not built" + (f" ({err})" if err else "")]
-    elif needs == "_C.cuda":
-        if not has_cuda_kernels():
-            err = c_extension_error()
-            return ["vqkernels._C was built without CUDA kernels" if err is None
-                    else f"vqkernels._C was not built ({err})"]
-    else:
+    """Why what ``needs`` names is missing from this build (the one place that says "_C not built")."""
+    if needs not in ("_C.cpu", "_C.cuda"):
         return []
+    err = c_extension_error()
+    if err is not None:
+        return [f"vqkernels._C was not built ({err})"]
     dispatch_key = "CPU" if needs == "_C.cpu" else "CUDA"
+    if not (has_cpu_kernels() if needs == "_C.cpu" else has_cuda_kernels()):
+        return [f"vqkernels._C was built without {dispatch_key} kernels"]
     missing = [k for k in kernels if not _has_c_kernel(k, dispatch_key)]
     if missing:
         return [f"this build of vqkernels._C has no {dispatch_key} kernel for {', '.join(missing)} "
@@ -123,7 +113,8 @@ def _build_reason(needs: str | None, kernels: tuple) -> list[str]:
 
 
 def _has_c_kernel(name: str, dispatch_key: str) -> bool:
-    """Whether torch.ops.vqkernels_C.<name> exists and has a kernel for ``dispatch_key`` (cached)."""
+    """Whether torch.ops.vqkernels_C.<name> exists and has a kernel for ``dispatch_key`` (cached; a constant
+    under torch.compile, like the probes below, so selection traces without a graph break)."""
     key = ("c_kernel", name, dispatch_key)
     if key not in _PROBES:
         c_extension()
@@ -136,9 +127,14 @@ def _has_c_kernel(name: str, dispatch_key: str) -> bool:
     return _PROBES[key]
 
 
+_has_c_kernel._dynamo_marked_constant = True
+
+
 def _spec_reasons(spec: OpSpec, backend: str, args: dict) -> list[str]:
     cap = spec.backends.get(backend)
     if cap is None:
+        if spec.fallback:
+            return [f"{spec.name} has no {backend} kernel of its own (it runs as {spec.fallback!r})"]
         return [f"{spec.name} has no {backend} implementation"]
     t = args.get(spec.primary)
     r: list[str] = []
@@ -187,59 +183,55 @@ def requested_backend(backend: str | None = None) -> str:
     return "auto"
 
 
-def not_supported_reasons(op: str, backend: str, *args, **kwargs) -> list[str]:
-    """Why ``backend`` cannot run ``op`` on these inputs (empty: it can).
-
-    Declared ops (:func:`declare`) take their arguments by name; legacy-registered ones positionally."""
+def _spec(op: str) -> OpSpec:
     spec = _SPECS.get(op)
-    if spec is not None:
-        if args:
-            raise TypeError(f"{op} is declared: pass its arguments by name")
-        return _spec_reasons(spec, backend, kwargs)
-    table = _REGISTRY.get(op)
-    if table is None:
-        raise KeyError(f"no op named {op!r} is registered with the backend table")
-    fn = table.get(backend)
-    if fn is None:
-        return [f"{op} has no {backend} implementation"]
-    return list(fn(*args, **kwargs))
+    if spec is None:
+        raise KeyError(f"no op named {op!r} is declared with the backend table (declared: {declared_ops()})")
+    return spec
 
 
-def _device_type(args, kwargs=None) -> str:
-    for a in list(args) + list((kwargs or {}).values()):
-        if isinstance(a, torch.Tensor):
-            return a.device.type
-    return "cpu"
+def not_supported_reasons(op: str, backend: str, **args) -> list[str]:
+    """Why ``backend`` cannot run ``op`` on these inputs, passed by the names the op declares (empty: it can)."""
+    return _spec_reasons(_spec(op), backend, args)
 
 
-def select(op: str, backend: str | None, *args, **kwargs) -> str:
-    """The backend that runs ``op`` on these inputs, or :class:`BackendNotSupported` with reasons."""
+def select(op: str, backend: str | None, **args) -> str:
+    """The backend that runs ``op`` on these (named) inputs, or :class:`BackendNotSupported` with reasons.
+
+    Where the op declares a ``fallback`` (an implementation composed of other ops), that name comes
+    back instead of an error."""
     want = requested_backend(backend)
+    spec = _spec(op)
+    fallback = spec.fallback
     if want != "auto":
-        reasons = not_supported_reasons(op, want, *args, **kwargs)
+        reasons = not_supported_reasons(op, want, **args)
+        if reasons and fallback:
+            return fallback
         if reasons:
             raise BackendNotSupported(
                 f"backend {want!r} cannot run {op} on these inputs: " + "; ".join(reasons)
             )
         return want
     collected = []
-    spec = _SPECS.get(op)
-    if spec is not None and isinstance(kwargs.get(spec.primary), torch.Tensor):
-        dev = kwargs[spec.primary].device.type
+    primary = args.get(spec.primary)
+    dev = primary.device.type if isinstance(primary, torch.Tensor) else "cpu"
+    if callable(spec.priority):
+        order = spec.priority(dev, **args)
     else:
-        dev = _device_type(args, kwargs)
-    order = (spec.priority or {}).get(dev) if spec is not None else None
+        order = (spec.priority or {}).get(dev)
     for b in order or PRIORITY.get(dev, DEFAULT_PRIORITY):
-        reasons = not_supported_reasons(op, b, *args, **kwargs)
+        reasons = not_supported_reasons(op, b, **args)
         if not reasons:
             return b
         collected.append(f"{b}: " + "; ".join(reasons))
+    if fallback:
+        return fallback
     raise BackendNotSupported(f"no backend can run {op} on these inputs -- " + " | ".join(collected))
 
 
-def explain(op: str, *args, **kwargs) -> dict[str, list[str]]:
+def explain(op: str, **args) -> dict[str, list[str]]:
     """For every backend, the reasons it cannot run ``op`` on these inputs (empty list: it can)."""
-    return {b: not_supported_reasons(op, b, *args, **kwargs) for b in BACKENDS}
+    return {b: not_supported_reasons(op, b, **args) for b in BACKENDS}
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,7 +296,15 @@ def has_cuda_kernels() -> bool:
     return bool(build_info().get("cuda"))
 
 
+@_constant_under_compile
+def cpu_has_avx512() -> bool:
+    """Whether the C++ CPU kernels run their AVX-512 paths on this processor (False without _C)."""
+    m = c_extension()
+    return m is not None and bool(getattr(m, "cpu_features", dict)().get("avx512", False))
+
+
 def triton_interpreter() -> bool:
+    """Whether Triton runs in its interpreter (TRITON_INTERPRET set and not "0"): the one place it is parsed."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -319,29 +319,24 @@ def triton_import_error() -> str | None:
 
 
 def triton_device_reasons(device: torch.device) -> list[str]:
-    """Why Triton cannot run on ``device`` here (empty: it can)."""
-    err = triton_import_error()
-    if err is not None:
-        return [f"triton is not importable ({err})"]
+    """Why Triton cannot run on ``device`` here (empty: it can).
+
+    The device and TRITON_INTERPRET decide first: triton is imported (~65 ms and its own imports)
+    only where it could run, never to turn down a CPU tensor outside the interpreter."""
     if device.type == "cuda":
         if triton_interpreter():
             return ["TRITON_INTERPRET=1 is set: Triton runs on CPU tensors only"]
-        return []
-    if device.type == "cpu":
-        if triton_interpreter():
-            return []
-        return ["Triton runs on CPU tensors only under its interpreter (TRITON_INTERPRET=1)"]
-    return [f"Triton does not run on {device.type} tensors"]
+    elif device.type == "cpu":
+        if not triton_interpreter():
+            return ["Triton runs on CPU tensors only under its interpreter (TRITON_INTERPRET=1)"]
+    else:
+        return [f"Triton does not run on {device.type} tensors"]
+    err = triton_import_error()
+    if err is not None:
+        return [f"triton is not importable ({err})"]
+    return []
 
 
-def poison_outputs() -> bool:
-    """True under VQKERNELS_POISON_OUTPUTS=1 (the tests set it); read per call, it is cheap."""
-    return os.environ.get("VQKERNELS_POISON_OUTPUTS", "0") not in ("", "0")
-
-
-def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
-    """An output buffer for a kernel to fill; poisoned first under VQKERNELS_POISON_OUTPUTS=1."""
-    t = torch.empty(shape, dtype=dtype, device=device)
-    if poison_outputs():
-        t.fill_(float("nan") if dtype.is_floating_point else -0x7EADBEEF)
-    return t
+# The output buffers a kernel fills live with the shared argument checks (re-exported: every op and
+# the attention ops call ``_backend.new_output``).
+from .ops._checks import new_output, poison_outputs  # noqa: E402,F401

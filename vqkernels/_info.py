@@ -20,15 +20,49 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _probe_inputs(device: str, dtype: torch.dtype):
-    x = torch.empty(16, 64, device=device, dtype=dtype)
-    cb = torch.empty(32, 64, device=device, dtype=dtype)
-    return x, cb
+def _import_every_op() -> dict:
+    """Import each op folder under vqkernels/ops, so every op, present and coming, has declared its
+    backends; returns {folder: error} for those that do not import."""
+    import importlib
+    import pkgutil
+
+    from . import ops
+
+    errors = {}
+    for m in pkgutil.iter_modules(ops.__path__):
+        if not m.name.startswith("_"):
+            try:
+                importlib.import_module(f"{ops.__name__}.{m.name}")
+            except Exception as e:  # noqa: BLE001 -- report, don't fail
+                errors[m.name] = f"{type(e).__name__}: {e}"
+    return errors
+
+
+def backend_choices(devices, dtypes=(torch.float32, torch.bfloat16)) -> dict:
+    """For every declared op and each (device, dtype) its probe covers: the backend ``auto`` picks here,
+    and under ``key + " not chosen because"`` each other backend's reasons."""
+    picks = {f"ops/{name} (does not import)": err for name, err in _import_every_op().items()}
+    for op in _backend.declared_ops():
+        spec = _backend._SPECS[op]
+        if spec.probe is None:
+            picks[op] = "? (the op declares no probe: give declare(...) a probe to report its choice)"
+            continue
+        for dev in devices:
+            for dtype in dtypes:
+                args = spec.probe(dev, dtype)
+                if args is None:  # the op's choice does not depend on this dtype
+                    continue
+                key = f"{op}[{dev},{str(dtype).replace('torch.', '')}]"
+                try:
+                    picks[key] = _backend.select(op, None, **args)
+                except Exception as e:  # noqa: BLE001 -- report, don't fail
+                    picks[key] = f"none ({e})"
+                reasons = _backend.explain(op, **args)
+                picks[key + " not chosen because"] = {b: r for b, r in reasons.items() if r}
+    return picks
 
 
 def collect() -> dict:
-    from .ops import nearest_code as nc
-
     d = {
         "vqkernels": __version__,
         "python": platform.python_version(),
@@ -57,18 +91,7 @@ def collect() -> dict:
     }
     env = os.environ.get("VQKERNELS_BACKEND")
     d["override"] = env
-    picks = {}
-    devices = ["cpu"] + (["cuda"] if cuda_ok else [])
-    for dev in devices:
-        for dtype in (torch.float32, torch.bfloat16):
-            x, cb = _probe_inputs(dev, dtype)
-            key = f"nearest_code[{dev},{str(dtype).replace('torch.', '')}]"
-            try:
-                picks[key] = _backend.select(nc.OP, None, x, cb, 0, False)
-            except Exception as e:  # noqa: BLE001 -- report, don't fail
-                picks[key] = f"none ({e})"
-            reasons = _backend.explain(nc.OP, x, cb, 0, False)
-            picks[key + " not chosen because"] = {b: r for b, r in reasons.items() if r}
+    picks = backend_choices(["cpu"] + (["cuda"] if cuda_ok else []))
     d["backend_choice"] = picks
     return d
 

@@ -18,13 +18,6 @@ ACC_EPS = {
 }
 
 
-def poison_like(t: torch.Tensor) -> torch.Tensor:
-    """A tensor of t's shape filled with values no kernel would write (to catch unwritten outputs)."""
-    if t.dtype.is_floating_point:
-        return torch.full_like(t, float("nan"))
-    return torch.full_like(t, -0x7EADBEEF if t.dtype == torch.int64 else -1)
-
-
 def make_inputs(
     N: int, K: int, D: int, dtype=torch.float32, device="cpu", *, seed: int = 0, noncontiguous: bool = False,
     lead: tuple = (),

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .. import ops as _ops  # noqa: F401  (ops register themselves)
+from ..ops.code_stats import code_stats, ema_update_, ema_update_from_stats_
 from ..ops.nearest_code import nearest_code
-from ..ops.vq_loss import code_stats, ema_update_, ema_update_from_stats_, vector_quantize
-from . import _distributed as D
+from ..ops.vq_loss import vector_quantize
+from . import _distributed as dist_sync
 
 
 @dataclass
@@ -176,7 +176,7 @@ class QuantizerCore:
     @torch.no_grad()
     def update_(self, z: torch.Tensor, idx: torch.Tensor, t: CodebookTensors) -> None:
         """EMA statistics (and the EMA codebook with ``ema``), then dead-code restarts."""
-        sync = D.sync_enabled(self.sync)
+        sync = dist_sync.sync_enabled(self.sync)
         embed = t.embed.detach()
         if self.ema and not sync:
             ema_update_(embed, t.cluster_size, t.embed_sum, z, idx, decay=self.decay, eps=self.eps,
@@ -184,7 +184,7 @@ class QuantizerCore:
         else:
             counts, sums = code_stats(z, idx, self.num_codes, backend=self.backend)
             if sync:
-                D.all_reduce_sum_(counts, sums)
+                dist_sync.all_reduce_sum_(counts, sums)
             # without an EMA codebook only the statistics move: the op writes its codebook into a scratch copy
             target = embed if self.ema else embed.clone()
             ema_update_from_stats_(target, t.cluster_size, t.embed_sum, counts, sums, decay=self.decay, eps=self.eps)
@@ -202,13 +202,13 @@ class QuantizerCore:
         if num_dead == 0:
             return
         samples = (l2norm(z) if self.cosine else z).reshape(-1, self.dim)
-        n = D.total_rows(samples.shape[0], samples.device, sync)
+        n = dist_sync.total_rows(samples.shape[0], samples.device, sync)
         if n == 0:
             return
         if num_dead > n:
-            dead = D.random_subset_mask(dead, n, sync)
+            dead = dist_sync.random_subset_mask(dead, n, sync)
             num_dead = n
-        new = D.sample_rows(samples, num_dead, sync)
+        new = dist_sync.sample_rows(samples, num_dead, sync)
         reset = self.threshold_ema_dead_code
         embed = t.embed.detach()
         embed[dead] = new.to(embed.dtype)
@@ -220,15 +220,15 @@ class QuantizerCore:
         """Lloyd's k-means from K random batch vectors, ``kmeans_iters`` steps (vector-quantize-pytorch's ``kmeans``):
         assignment by :func:`nearest_code`, update by :func:`code_stats`; an empty cluster keeps its mean. Then the
         EMA buffers take the last step's counts and sums and the codebook their Laplace-smoothed means."""
-        sync = D.sync_enabled(self.sync)
+        sync = dist_sync.sync_enabled(self.sync)
         K = self.num_codes
-        means = D.sample_rows(z, K, sync)
+        means = dist_sync.sample_rows(z, K, sync)
         counts = sums = None
         for it in range(max(self.kmeans_iters, 1)):
             idx = nearest_code(z, means, metric=self.metric, backend=self.backend)
             counts, sums = code_stats(z, idx, K, backend=self.backend)
             if sync:
-                D.all_reduce_sum_(counts, sums)
+                dist_sync.all_reduce_sum_(counts, sums)
             if it >= self.kmeans_iters:  # kmeans_iters == 0: only the statistics of the sampled means
                 break
             new_means = sums / counts.clamp(min=1.0)[:, None]

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..ops.nearest_code import normalize as _op_normalize
-from ..ops.vq_loss import code_usage
+from ..ops.code_stats import code_usage
 from ._core import CodebookTensors, QuantizerCore, l2norm
 
 __all__ = ["VectorQuantizer", "VectorQuantize"]

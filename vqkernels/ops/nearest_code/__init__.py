@@ -11,65 +11,53 @@ import torch
 import torch.nn.functional as F
 
 from ... import _backend
+from .._checks import KERNEL_DTYPES, MAX_CODES, REFERENCE_DTYPES, check_choice, check_vectors_and_codebook
+from .._custom_op import custom_op
 from .reference import nearest_code_reference
 
 OP = "nearest_code"
 METRICS = {"l2": 0, "cosine": 1}
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64,)
-MAX_CODES = 2**31 - 1  # kernels keep code indices in int32 registers
 
 
 # ---------------------------------------------------------------------------------------------
-# What each backend can take. Arguments: x (N, D), codebook (K, D), metric id, allow_tf32.
+# What each backend can take, over the op's named arguments: x (N, D), codebook (K, D), metric id,
+# allow_tf32.
 
-def _dtype_reason(x, allowed):
-    if x.dtype not in allowed:
-        return [f"dtype {x.dtype} is not one of {', '.join(str(d) for d in allowed)}"]
-    return []
-
-
-@_backend.register(OP, "torch")
-def _torch_reasons(x, codebook, metric, allow_tf32):
-    return _dtype_reason(x, REFERENCE_DTYPES)
+def _code_limit(codebook, **_):
+    K = codebook.shape[0]
+    return [f"K={K} codes is more than {MAX_CODES}"] if K > MAX_CODES else []
 
 
-@_backend.register(OP, "cpu")
-def _cpu_reasons(x, codebook, metric, allow_tf32):
-    r = []
-    if x.device.type != "cpu":
-        r.append(f"the cpu kernel takes CPU tensors, got {x.device.type}")
-    if not _backend.has_cpu_kernels():
-        err = _backend.c_extension_error()
-        r.append("vqkernels._C was not built" + (f" ({err})" if err else ""))
-    r += _dtype_reason(x, KERNEL_DTYPES)
-    if codebook.shape[0] > MAX_CODES:
-        r.append(f"K={codebook.shape[0]} codes is more than {MAX_CODES}")
-    return r
+def _probe(device: str, dtype: torch.dtype) -> dict:
+    """Small example arguments for ``vqkernels info``'s report of the choice on this machine."""
+    return dict(x=torch.empty(16, 64, device=device, dtype=dtype),
+                codebook=torch.empty(32, 64, device=device, dtype=dtype), metric=0, allow_tf32=False)
 
 
-@_backend.register(OP, "triton")
-def _triton_reasons(x, codebook, metric, allow_tf32):
-    r = _backend.triton_device_reasons(x.device)
-    r += _dtype_reason(x, KERNEL_DTYPES)
-    if codebook.shape[0] > MAX_CODES:
-        r.append(f"K={codebook.shape[0]} codes is more than {MAX_CODES}")
-    return r
+_C_KERNELS = ("nearest_code",)
+# The CUDA kernel's grid is one block per 128 rows and does not split the codebook: below ~128 blocks
+# (an H100 has 132 SMs) it leaves most of the GPU idle, where the Triton kernel splits over codes. So
+# on CUDA tensors with few rows and many codes, auto tries Triton first. The threshold follows from the
+# grid, not from a measurement: no GPU was lent while it was written (scripts/gpu_check.sh measures it).
+SMALL_N_ROWS = 128 * 128
+SMALL_N_MIN_CODES = 1024
 
 
-@_backend.register(OP, "cuda")
-def _cuda_reasons(x, codebook, metric, allow_tf32):
-    r = []
-    if x.device.type != "cuda":
-        r.append(f"the cuda kernel takes CUDA tensors, got {x.device.type}")
-    if not _backend.has_cuda_kernels():
-        err = _backend.c_extension_error()
-        r.append("vqkernels._C was built without CUDA kernels" if err is None
-                 else f"vqkernels._C was not built ({err})")
-    r += _dtype_reason(x, KERNEL_DTYPES)
-    if codebook.shape[0] > MAX_CODES:
-        r.append(f"K={codebook.shape[0]} codes is more than {MAX_CODES}")
-    return r
+def _priority(device_type: str, x, codebook, **_):
+    if device_type == "cuda" and x.shape[0] < SMALL_N_ROWS and codebook.shape[0] >= SMALL_N_MIN_CODES:
+        return ("triton", "cuda", "torch")
+    return None
+
+
+_backend.declare(
+    OP, primary="x", probe=_probe, priority=_priority,
+    torch=_backend.Capability(dtypes=REFERENCE_DTYPES),
+    cpu=_backend.Capability(devices=("cpu",), dtypes=KERNEL_DTYPES, needs="_C.cpu", kernels=_C_KERNELS,
+                            limit=_code_limit),
+    triton=_backend.Capability(dtypes=KERNEL_DTYPES, needs="triton", limit=_code_limit),
+    cuda=_backend.Capability(devices=("cuda",), dtypes=KERNEL_DTYPES, needs="_C.cuda", kernels=_C_KERNELS,
+                             limit=_code_limit),
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,7 +82,7 @@ def _run_triton(x, codebook, metric, allow_tf32):
 _IMPLS = {"torch": _run_torch, "cpu": _run_c, "cuda": _run_c, "triton": _run_triton}
 
 
-@torch.library.custom_op("vqkernels::nearest_code", mutates_args=())
+@custom_op("vqkernels::nearest_code", mutates_args=())
 def _nearest_code_op(
     x: torch.Tensor, codebook: torch.Tensor, metric: int, allow_tf32: bool, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,35 +97,6 @@ def _(x, codebook, metric, allow_tf32, backend):
 
 
 # ---------------------------------------------------------------------------------------------
-
-def check_inputs(x: torch.Tensor, codebook: torch.Tensor, metric: str) -> None:
-    """Raise a clear error (naming the argument) for input no backend should see."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if not isinstance(codebook, torch.Tensor):
-        raise TypeError(f"codebook must be a torch.Tensor, got {type(codebook).__name__}")
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {tuple(METRICS)}, got {metric!r}")
-    if codebook.dim() != 2:
-        raise ValueError(f"codebook must be 2-D (K, D), got shape {tuple(codebook.shape)}")
-    if x.dim() < 1:
-        raise ValueError("x must have at least one dimension (..., D), got a 0-d tensor")
-    if not x.dtype.is_floating_point:
-        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
-    if not codebook.dtype.is_floating_point:
-        raise TypeError(f"codebook must be a floating-point tensor, got {codebook.dtype}")
-    if x.dtype != codebook.dtype:
-        raise TypeError(f"x and codebook must share a dtype, got x {x.dtype} and codebook {codebook.dtype}")
-    if x.device != codebook.device:
-        raise ValueError(f"x and codebook must be on one device, got x on {x.device} and codebook on {codebook.device}")
-    if x.shape[-1] != codebook.shape[1]:
-        raise ValueError(
-            f"the last dimension of x ({x.shape[-1]}) must equal the codebook's code dimension D "
-            f"({codebook.shape[1]}); x has shape {tuple(x.shape)}, codebook {tuple(codebook.shape)}"
-        )
-    if codebook.shape[0] == 0:
-        raise ValueError("codebook must hold at least one code, got K=0")
-
 
 def normalize(t: torch.Tensor) -> torch.Tensor:
     """l2-normalise the last dimension in float32 and round back to t's dtype (what cosine compares)."""
@@ -175,7 +134,8 @@ def nearest_code(
     index 0); a row of x holding NaN gets a valid index and a non-finite distance (NaN for l2,
     +inf for cosine).
     """
-    check_inputs(x, codebook, metric)
+    check_vectors_and_codebook(x, codebook, "x")
+    check_choice(metric, "metric", METRICS)
     lead = x.shape[:-1]
     D = x.shape[-1]
     m = METRICS[metric]
@@ -183,7 +143,7 @@ def nearest_code(
     cb = codebook.detach()
     if m == 1:
         x2, cb = normalize(x2), normalize(cb)
-    name = _backend.select(OP, backend, x2, cb, m, bool(allow_tf32))
+    name = _backend.select(OP, backend, x=x2, codebook=cb, metric=m, allow_tf32=bool(allow_tf32))
     idx, dist = _nearest_code_op(x2.contiguous(), cb.contiguous(), m, bool(allow_tf32), name)
     idx = idx.reshape(lead)
     if return_distance:

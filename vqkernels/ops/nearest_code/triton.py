@@ -300,10 +300,6 @@ _MIN_TILES_PER_SPLIT = 4
 _AUTOTUNE_MIN_WORK = 1 << 32
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 @functools.lru_cache(maxsize=None)
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -373,7 +369,7 @@ def nearest_code_triton(
     if N == 0:
         return idx, dist
 
-    interp = _interpreted()
+    interp = _backend.triton_interpreter()
     prec, cfgs = family(x.dtype, bool(allow_tf32), D)
     cfg = config if config is not None else cfgs[0]
     bn, bk = cfg.block_n, cfg.block_k

@@ -1,4 +1,4 @@
-"""The VQ loss ops in pure PyTorch: the spec, the fallback and the test oracle.
+"""The VQ loss in pure PyTorch: the spec, the fallback and the test oracle.
 
 Functions computed (for every backend), with z (N, D), codebook (K, D), idx int64 (N,) in [0, K):
 
@@ -6,8 +6,8 @@ Functions computed (for every backend), with z (N, D), codebook (K, D), idx int6
                        loss   = scale * sum_{n,d} (z_q[n,d] - z[n,d])^2       (scale = (w_commit + w_cb) / (N*D))
     vq_loss backward:  dz[n]  = dz_q[n] + c_z * (z[n] - z_q[n])               (c_z  = 2 * w_commit * dloss / (N*D))
                        dcb[k] = c_cb * sum_{n: idx[n]=k} (z_q[n] - z[n])      (c_cb = 2 * w_cb     * dloss / (N*D))
-    code_stats:        counts[k] = #{n: idx[n]=k},  sums[k] = sum_{n: idx[n]=k} z[n]      (float32)
-    code_usage:        counts[k] (int64), perplexity = exp(-sum_k p_k log(p_k + 1e-10)), p = counts / max(N, 1)
+
+(The codebook statistics, code_stats and code_usage, are in ops/code_stats/reference.py.)
 
 Arithmetic: float16/bfloat16 values are widened to float32 (every difference, square, product and
 sum is float32; results are rounded to the input dtype once at the end); float32 in float32; float64
@@ -18,24 +18,10 @@ from __future__ import annotations
 
 import torch
 
-from ..._backend import new_output
+from .._checks import check_index_range, new_output
+from .._layout import acc_dtype
 
 MAX_CHUNK_ELEMS = 1 << 22  # 4M elements = 16 MB of float32 per temporary
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the sums run in: float64 for float64 inputs, float32 for everything else."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def check_index_range(indices: torch.Tensor, num_codes: int) -> None:
-    """IndexError when an index lies outside [0, num_codes) (reads the values: called inside op bodies)."""
-    if indices.numel() == 0:
-        return
-    lo, hi = int(indices.min()), int(indices.max())
-    if lo < 0 or hi >= num_codes:
-        bad = lo if lo < 0 else hi
-        raise IndexError(f"indices out of range: got index {bad}, codes are numbered 0..{num_codes - 1} (K={num_codes})")
 
 
 def _row_chunk(N: int, D: int, max_elems: int) -> int:
@@ -96,57 +82,4 @@ def vq_loss_bwd_reference(
     return grad_z, grad_cb
 
 
-def code_stats_reference(
-    z: torch.Tensor, indices: torch.Tensor, num_codes: int, max_chunk_elems: int = MAX_CHUNK_ELEMS,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """z (N, D), indices (N,) -> (counts float32 (K,), sums float32 (K, D)); float64 in float64."""
-    N, D = z.shape
-    check_index_range(indices, num_codes)
-    acc = acc_dtype(z.dtype)
-    counts = new_output((num_codes,), acc, z.device)
-    counts.copy_(torch.bincount(indices, minlength=num_codes).to(acc))
-    sums = new_output((num_codes, D), acc, z.device)
-    sums.zero_()
-    rows = _row_chunk(N, D, max_chunk_elems)
-    for n0 in range(0, N, rows):
-        sums.index_add_(0, indices[n0:n0 + rows], z[n0:n0 + rows].to(acc))
-    return counts, sums
-
-
-def code_usage_reference(indices: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """indices (N,) -> (counts int64 (K,), perplexity float32 0-d)."""
-    check_index_range(indices, num_codes)
-    counts = new_output((num_codes,), torch.int64, indices.device)
-    counts.copy_(torch.bincount(indices, minlength=num_codes))
-    perplexity = perplexity_from_counts(counts, indices.numel())
-    return counts, perplexity
-
-
-def perplexity_from_counts(counts: torch.Tensor, total: int) -> torch.Tensor:
-    """taming's formula, exp(-sum p log(p + 1e-10)), with p = counts / total (total 0: perplexity 1)."""
-    p = counts.to(torch.float64) / max(total, 1)
-    return torch.exp(-(p * torch.log(p + 1e-10)).sum()).to(torch.float32)
-
-
-def ema_update_from_stats_reference(
-    codebook: torch.Tensor, cluster_size: torch.Tensor, embed_sum: torch.Tensor,
-    counts: torch.Tensor, sums: torch.Tensor, decay: float, eps: float,
-) -> None:
-    """vector-quantize-pytorch's EuclideanCodebook EMA step, in its order of operations, in place.
-
-    ``ema_inplace``: ``old.lerp_(new, 1 - decay)`` for cluster_size and embed_avg (= embed_sum here);
-    ``update_ema``: ``laplace_smoothing(cluster_size, K, eps) * cluster_size.sum()`` then
-    ``embed = embed_avg / smoothed[:, None]``.
-    """
-    K = cluster_size.shape[0]
-    cluster_size.lerp_(counts.to(cluster_size), 1.0 - decay)
-    embed_sum.lerp_(sums.to(embed_sum), 1.0 - decay)
-    n = cluster_size.sum(dim=-1, keepdim=True)
-    smoothed = (cluster_size + eps) / (n + K * eps) * n
-    codebook.copy_(embed_sum / smoothed[:, None])
-
-
-__all__ = [
-    "MAX_CHUNK_ELEMS", "acc_dtype", "check_index_range", "code_stats_reference", "code_usage_reference",
-    "ema_update_from_stats_reference", "perplexity_from_counts", "vq_loss_bwd_reference", "vq_loss_fwd_reference",
-]
+__all__ = ["MAX_CHUNK_ELEMS", "vq_loss_bwd_reference", "vq_loss_fwd_reference"]

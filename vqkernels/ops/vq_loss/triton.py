@@ -1,9 +1,8 @@
-"""The VQ loss ops in Triton: fused gather + loss, fused backward, per-code statistics, code usage.
+"""The VQ loss in Triton: fused gather + loss, and the fused backward.
 
 Functions (the same as ``reference.py``, which is the spec), z (N, D), codebook (K, D), idx (N,):
     forward:    z_q[n] = codebook[idx[n]];  loss = scale * sum (z_q - z)^2
     backward:   grad_z[n] = grad_zq[n] + c_z (z[n] - z_q[n]);  grad_cb[k] = c_cb sum_{idx[n]=k} (z_q[n] - z[n])
-    code_stats: counts[k], sums[k] = sum_{idx[n]=k} z[n];  code_usage: counts[k] (int64)
 
 Kernel design: a program owns BLOCK_N rows and walks D in BLOCK_D chunks (masks on every load and
 store; row offsets in int64, since N*D and K*D may pass 2^31). Values are widened to fp32.
@@ -12,9 +11,8 @@ store; row offsets in int64, since N*D and K*D may pass 2^31). Values are widene
   * ``_vq_loss_bwd_kernel`` writes grad_z and adds (z - z_q) into a (K, D) fp32 accumulator with
     ``tl.atomic_add``; the launcher scales it by -c_cb and rounds to the codebook's dtype.
     ``c_z``/``c_cb`` read grad_loss from device memory (no host sync).
-  * ``_code_stats_kernel`` adds rows into (K, D) sums and ones into (K,) counts with atomics.
-  * ``_code_usage_kernel`` adds ones into int64 counts with atomics (exact, so deterministic).
-NONDETERMINISM: the float atomics (codebook gradient, per-code sums) add rows in whatever order the
+(The codebook statistics, code_stats and code_usage, are in ops/code_stats/triton.py.)
+NONDETERMINISM: the float atomics of the codebook gradient add rows in whatever order the
 programs run, so the last bits of those results may differ between runs on a GPU. Use the ``cpu``
 (or ``torch``) backend where bit-reproducibility matters.
 Index range: checked by the launcher (one min/max over the indices, which synchronises a GPU);
@@ -26,8 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..._backend import new_output
-from .reference import check_index_range, perplexity_from_counts
+from .._checks import KERNEL_DTYPES, check_index_range, new_output
+from .._launch import block_d, device_guard
 
 BLOCK_N = 32
 
@@ -87,46 +85,11 @@ def _vq_loss_bwd_kernel(
             tl.atomic_add(acc_ptr + crow[:, None] + dd[None, :], diff, mask=m)
 
 
-@triton.jit
-def _code_stats_kernel(
-    z_ptr, idx_ptr, cnt_ptr, sum_ptr,
-    N, K, D,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    r_ok = rows < N
-    k = tl.load(idx_ptr + rows, mask=r_ok, other=0)
-    r_ok = r_ok & (k >= 0) & (k < K)
-    tl.atomic_add(cnt_ptr + k, tl.full((BLOCK_N,), 1.0, tl.float32), mask=r_ok)
-    zrow = rows.to(tl.int64) * D
-    crow = k.to(tl.int64) * D
-    offs_d = tl.arange(0, BLOCK_D)
-    for d0 in range(0, D, BLOCK_D):
-        dd = d0 + offs_d
-        m = r_ok[:, None] & (dd < D)[None, :]
-        x = tl.load(z_ptr + zrow[:, None] + dd[None, :], mask=m, other=0.0).to(tl.float32)
-        tl.atomic_add(sum_ptr + crow[:, None] + dd[None, :], x, mask=m)
-
-
-@triton.jit
-def _code_usage_kernel(idx_ptr, cnt_ptr, N, K, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < N
-    k = tl.load(idx_ptr + offs, mask=ok, other=0)
-    ok = ok & (k >= 0) & (k < K)
-    tl.atomic_add(cnt_ptr + k, tl.full((BLOCK,), 1, tl.int64), mask=ok)
-
-
 # ---------------------------------------------------------------------------------------------
 # Launchers: check, allocate, launch.
 
-def _block_d(D: int) -> int:
-    return max(16, min(128, triton.next_power_of_2(max(D, 1))))
-
-
 def _check(z: torch.Tensor, indices: torch.Tensor, what: str):
-    if z.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if z.dtype not in KERNEL_DTYPES:
         raise TypeError(f"triton {what}: z must be float32, float16 or bfloat16, got {z.dtype}")
     if not (z.is_contiguous() and indices.is_contiguous()):
         raise ValueError(f"triton {what}: inputs must be contiguous")
@@ -142,7 +105,8 @@ def vq_loss_fwd_triton(z, codebook, indices, scale):
     grid = (triton.cdiv(N, BLOCK_N),)
     part = new_output((grid[0],), torch.float32, z.device)
     if N > 0 and D > 0:
-        _vq_loss_fwd_kernel[grid](z, codebook, indices, z_q, part, N, K, D, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(D))
+        with device_guard(z.device):
+            _vq_loss_fwd_kernel[grid](z, codebook, indices, z_q, part, N, K, D, BLOCK_N=BLOCK_N, BLOCK_D=block_d(D))
         total = part.to(torch.float64).sum()
     else:
         total = torch.zeros((), dtype=torch.float64, device=z.device)
@@ -161,10 +125,11 @@ def vq_loss_bwd_triton(grad_zq, grad_loss, z, codebook, indices, w_commit, w_cod
     gl = grad_loss.reshape(1).to(torch.float32)
     if numel > 0 and (need_z or need_cb):
         grid = (triton.cdiv(N, BLOCK_N),)
-        _vq_loss_bwd_kernel[grid](
-            grad_zq, gl, z, codebook, indices, grad_z if need_z else z, acc,
-            N, K, D, 2.0 * w_commit / numel,
-            NEED_GZ=bool(need_z), NEED_GCB=bool(need_cb), BLOCK_N=BLOCK_N, BLOCK_D=_block_d(D))
+        with device_guard(z.device):
+            _vq_loss_bwd_kernel[grid](
+                grad_zq, gl, z, codebook, indices, grad_z if need_z else z, acc,
+                N, K, D, 2.0 * w_commit / numel,
+                NEED_GZ=bool(need_z), NEED_GCB=bool(need_cb), BLOCK_N=BLOCK_N, BLOCK_D=block_d(D))
     if need_cb:
         grad_cb = new_output((K, D), codebook.dtype, z.device)
         c_cb = gl[0] * (2.0 * w_codebook / numel) if numel else gl[0] * 0
@@ -172,29 +137,3 @@ def vq_loss_bwd_triton(grad_zq, grad_loss, z, codebook, indices, w_commit, w_cod
     else:
         grad_cb = new_output((0,), codebook.dtype, z.device)
     return grad_z, grad_cb
-
-
-def code_stats_triton(z, indices, num_codes):
-    """-> (counts fp32 (K,), sums fp32 (K, D)), by atomic adds."""
-    _check(z, indices, "code_stats")
-    N, D = z.shape
-    check_index_range(indices, num_codes)
-    counts = torch.zeros((num_codes,), dtype=torch.float32, device=z.device)
-    sums = torch.zeros((num_codes, D), dtype=torch.float32, device=z.device)
-    if N > 0:
-        grid = (triton.cdiv(N, BLOCK_N),)
-        _code_stats_kernel[grid](z, indices, counts, sums, N, num_codes, D, BLOCK_N=BLOCK_N, BLOCK_D=_block_d(D))
-    return counts, sums
-
-
-def code_usage_triton(indices, num_codes):
-    """-> (counts int64 (K,), perplexity fp32 0-d)."""
-    if not indices.is_contiguous():
-        raise ValueError("triton code_usage: indices must be contiguous")
-    N = indices.numel()
-    check_index_range(indices, num_codes)
-    counts = torch.zeros((num_codes,), dtype=torch.int64, device=indices.device)
-    if N > 0:
-        BLOCK = 1024
-        _code_usage_kernel[(triton.cdiv(N, BLOCK),)](indices, counts, N, num_codes, BLOCK=BLOCK)
-    return counts, perplexity_from_counts(counts, N)
