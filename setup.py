@@ -16,6 +16,9 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# nvcc flags of the CUDA kernels (on top of cpp_extension's own). A literal: tests/test_cuda_build.py
+# reads it from this file (without running it) to compile each .cu as the build does.
+NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
 
 
 def _flag(name, default):
@@ -59,7 +62,7 @@ def _extensions():
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "native")
         define_macros += [("VQKERNELS_WITH_CUDA", None), ("VQKERNELS_CUDA_ARCHS", f'"{archs}"')]
         cuda_sources = sorted(glob.glob("csrc/cuda/*.cpp")) + sorted(glob.glob("csrc/cuda/*.cu"))
-        nvcc = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+        nvcc = list(NVCC_FLAGS)
         ext = cpp_extension.CUDAExtension(
             "vqkernels._C",
             cpu_sources + cuda_sources,

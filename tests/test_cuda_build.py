@@ -1,15 +1,18 @@
 """The CUDA kernels compile for sm_90 without register spills; runs on machines without a GPU.
 
-Every csrc/cuda/*.cu is compiled by nvcc with setup.py's flags for Hopper (sm_90) and `-Xptxas -v`.
+Every csrc/cuda/*.cu is compiled by nvcc with the build's flags (setup.py's NVCC_FLAGS and
+cpp_extension's common ones) for Hopper (sm_90) and `-Xptxas -v`.
 The test fails when ptxas reports spill stores or loads for any kernel (local-memory traffic in a hot
 loop), and prints registers, shared memory and stack per kernel (`pytest -s` shows the table).
-It also checks that every expected kernel was compiled (nearest_code's, vq_loss's), and, where
-vqkernels._C was built with CUDA, that the CUDA implementations of nearest_code and of the vq_loss ops
-(vq_loss_fwd, vq_loss_bwd, code_stats, code_usage) are registered and that their own argument checks
-answer a call with CPU tensors.
+It also checks that every expected kernel was compiled (nearest_code's, vq_loss's, attention's), and,
+where vqkernels._C was built with CUDA, that the CUDA implementations of nearest_code, of the vq_loss
+ops (vq_loss_fwd, vq_loss_bwd, code_stats, code_usage) and of the attention ops (attention_fwd,
+attention_bwd, attention_decode) are registered and that their own argument checks answer a call with
+CPU tensors.
 """
 from __future__ import annotations
 
+import ast
 import functools
 import glob
 import os
@@ -23,9 +26,26 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
-# setup.py's nvcc flags, for sm_90 only.
-NVCC_FLAGS = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr",
-              "-gencode", "arch=compute_90,code=sm_90", "-Xptxas", "-v", "-DVQKERNELS_WITH_CUDA"]
+
+
+def _setup_nvcc_flags() -> list[str]:
+    """setup.py's NVCC_FLAGS, read from its source (running setup.py would start a build)."""
+    with open(os.path.join(ROOT, "setup.py")) as f:
+        tree = ast.parse(f.read())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "NVCC_FLAGS" for t in node.targets):
+            return list(ast.literal_eval(node.value))
+    raise AssertionError("setup.py defines no NVCC_FLAGS literal")
+
+
+def nvcc_flags() -> list[str]:
+    """The build's nvcc flags (setup.py's and cpp_extension's common ones), for sm_90 only, with -Xptxas -v.
+    The C++ standard is left to nvcc's default: the .cu files include no torch headers."""
+    from torch.utils import cpp_extension
+
+    common = [f for f in getattr(cpp_extension, "COMMON_NVCC_FLAGS", []) if not f.startswith("-std")]
+    flags = _setup_nvcc_flags() + [f for f in common if f not in _setup_nvcc_flags()]
+    return flags + ["-gencode", "arch=compute_90,code=sm_90", "-Xptxas", "-v", "-DVQKERNELS_WITH_CUDA"]
 
 
 def _nvcc() -> str | None:
@@ -100,7 +120,7 @@ def compile_for_sm90(src: str) -> tuple[dict[str, dict], str]:
     out_dir = tempfile.mkdtemp(prefix="vqk_cuda_build_")
 
     includes = [os.path.join(ROOT, "csrc")] + cpp_extension.include_paths()
-    cmd = [_nvcc(), *NVCC_FLAGS, *[f"-I{p}" for p in includes], "-c", src,
+    cmd = [_nvcc(), *nvcc_flags(), *[f"-I{p}" for p in includes], "-c", src,
            "-o", os.path.join(out_dir, os.path.basename(src) + ".o")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
@@ -202,3 +222,59 @@ def test_cuda_vq_loss_ops_are_registered_and_check_their_device():
         c.code_stats.default.redispatch(cuda_only, z, idx, 5)
     with pytest.raises(RuntimeError, match="cuda code_usage: indices must be a CUDA tensor"):
         c.code_usage.default.redispatch(cuda_only, idx, 5)
+
+
+def test_nvcc_flags_come_from_setup_py():
+    flags = _setup_nvcc_flags()
+    assert "-O3" in flags and "--use_fast_math" in flags, flags
+    assert all(f in nvcc_flags() for f in flags)
+
+
+@pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or "")
+def test_attention_kernels_are_all_there():
+    src = os.path.join(ROOT, "csrc", "cuda", "attention_kernels.cu")
+    if not os.path.exists(src):
+        pytest.skip("csrc/cuda/attention_kernels.cu is absent")
+    kernels, _ = compile_for_sm90(src)
+    names = _demangle(list(kernels))
+    flat = " ".join(names.values())
+    # The tensor-core forward: float16 and bfloat16 at each instantiated head dim (others pad up).
+    for dtype in ("__half", "__nv_bfloat16"):
+        for d in (32, 64, 128, 256):
+            assert f"attn_fwd_tc_kernel<{dtype}, {d}>" in flat, f"attn_fwd_tc_kernel<{dtype}, {d}> missing from {flat}"
+    assert "attn_fwd_simt_kernel<float>" in flat
+    for dtype in ("float", "__half", "__nv_bfloat16"):
+        for kernel in ("attn_bwd_delta_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel", "attn_decode_kernel",
+                       "attn_decode_combine_kernel"):
+            assert f"{kernel}<{dtype}>" in flat, f"{kernel}<{dtype}> missing from {flat}"
+    for mangled, k in kernels.items():
+        assert k["registers"] is not None and k["registers"] <= 255, f"{names[mangled]}: {k['registers']} registers"
+        # The decoding kernels are memory-bound: few enough registers for 4 CTAs of 128 threads per SM.
+        if "attn_decode_kernel" in names[mangled]:
+            assert k["registers"] <= 128, f"{names[mangled]}: {k['registers']} registers"
+
+
+@pytest.mark.skipif(not _cuda_extension_built(), reason="vqkernels._C was not built with CUDA kernels")
+def test_cuda_attention_ops_are_registered_and_check_their_device():
+    ops = ("attention_fwd", "attention_bwd", "attention_decode")
+    missing = [op for op in ops if not hasattr(torch.ops.vqkernels_C, op)
+               or not torch._C._dispatch_has_kernel_for_dispatch_key(f"vqkernels_C::{op}", "CUDA")]
+    assert not missing, f"no CUDA kernel registered for {missing} (rebuild the package)"
+    cuda_only = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    c = torch.ops.vqkernels_C
+    q, k = torch.randn(1, 4, 3, 16), torch.randn(1, 2, 5, 16)
+    lse = torch.zeros(1, 4, 3)
+    lens = torch.full((1,), 5, dtype=torch.int32)
+    # Call the CUDA implementations themselves with CPU tensors: their own checks must answer.
+    with pytest.raises(RuntimeError, match="cuda attention_fwd: q must be a CUDA tensor"):
+        c.attention_fwd.default.redispatch(cuda_only, q, k, k, True, 0.25)
+    with pytest.raises(RuntimeError, match="cuda attention_bwd: q must be a CUDA tensor"):
+        c.attention_bwd.default.redispatch(cuda_only, q, q, k, k, q, lse, False, 0.25)
+    with pytest.raises(RuntimeError, match="cuda attention_decode: q must be a CUDA tensor"):
+        c.attention_decode.default.redispatch(cuda_only, q, k, k, lens, 0.25)
+    # Through the dispatcher, CPU tensors go to the CPU kernel (where one is registered) or fail clearly;
+    # bad arguments name the op either way.
+    with pytest.raises((RuntimeError, NotImplementedError), match="attention_fwd"):
+        c.attention_fwd(q, torch.randn(1, 3, 5, 16), torch.randn(1, 3, 5, 16), False, 0.25)  # H=4, Hkv=3
+    with pytest.raises((RuntimeError, NotImplementedError), match="attention_fwd"):
+        c.attention_fwd(q, k.to(torch.float16), k.to(torch.float16), False, 0.25)  # mixed dtypes
