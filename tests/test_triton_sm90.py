@@ -1,5 +1,5 @@
-"""Compile every shipped Triton configuration of nearest_code for sm_90 (H100) without a GPU, and fail
-on any register spill.
+"""Compile every shipped Triton configuration of nearest_code and attention for sm_90 (H100) without a
+GPU, and fail on any register spill.
 
 What ships is what ``vqkernels.ops.nearest_code.triton.shipped_configs()`` lists: every (dtype, dot
 precision, config) the launcher or its autotuner can launch, each at code dimensions D that select it
@@ -174,4 +174,156 @@ def test_half_precision_uses_tensor_cores(sm90_report):
     """fp16/bf16 and tf32 configs must lower tl.dot to wgmma (Hopper tensor cores)."""
     slow = [r["name"] for r in sm90_report if r["name"].startswith("fwd")
             and ("ieee" not in r["name"] or "float32" not in r["name"]) and not r["wgmma"]]
+    assert not slow, "no wgmma in: " + ", ".join(slow)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention: every configuration ``vqkernels.ops.attention.triton.family`` can return, compiled as
+# the runtime would specialise it (16-byte aligned pointers, strides divisible by 16: a contiguous or
+# fused-qkv layout at the fast head dims; only the last dim is unit stride), plus the helper kernels.
+
+_ATTN_CHILD = textwrap.dedent(r'''
+    import json, os, re, subprocess, sys, tempfile
+    os.environ.pop("TRITON_INTERPRET", None)
+    import torch, triton
+    from triton.backends.compiler import GPUTarget
+    from vqkernels.ops.attention import triton as A
+
+    cuobjdump, worker, nworkers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+    FP32_PTRS = ("lse_ptr", "delta_ptr", "part_o_ptr", "part_lse_ptr")
+    KERNELS = {"fwd": A._attention_fwd_kernel, "bwd_dkdv": A._attention_bwd_dkdv_kernel,
+               "bwd_dq": A._attention_bwd_dq_kernel, "decode": A._attention_decode_kernel,
+               "decode_wide": A._attention_decode_kernel}
+    target = GPUTarget("cuda", 90, 32)
+
+    def signature(fn, dtype, consts, head_dim):
+        sig, attrs = {}, {}
+        for i, a in enumerate(fn.arg_names):
+            if a in consts:
+                sig[a] = "constexpr"
+            elif a.endswith("_ptr"):
+                sig[a] = ("*fp32" if a in FP32_PTRS else
+                          "*i32" if a == "seqlens_ptr" else PTR[dtype])
+                attrs[(i,)] = [["tt.divisibility", 16]]
+            elif a in ("scale", "qk_scale"):
+                sig[a] = "fp32"
+            else:
+                sig[a] = "i32"
+                if a.startswith("stride") and head_dim % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        return sig, attrs
+
+    jobs = []
+    for kern, dtype, hd, causal, cfg in A.shipped_configs():
+        consts = dict(HEAD_DIM=hd, PRECISION="ieee", WIDEN=False, **cfg.meta(hd))
+        if kern.startswith("decode"):
+            consts["SPLIT"] = True  # the split epilogue; the direct one stores a subset
+        else:
+            consts["CAUSAL"] = causal
+        fn = KERNELS[kern]
+        sig, attrs = signature(fn, dtype, consts, hd)
+        name = (f"{kern:11s} {str(dtype)[6:]:8s} Dh={hd:<3d} causal={int(causal)} "
+                f"blocks=({cfg.block_m},{cfg.block_n}) warps={cfg.num_warps} stages={cfg.num_stages}")
+        jobs.append((name, fn, sig, consts, attrs, cfg.options()))
+    for kname, dtype, consts, warps, stages in A.aux_configs():
+        fn = getattr(A, kname)
+        sig, attrs = signature(fn, dtype, consts, consts["HEAD_DIM"])
+        jobs.append((f"{kname} {str(dtype)[6:]} {consts} warps={warps}", fn, sig, consts, attrs,
+                     {"num_warps": warps, "num_stages": stages}))
+
+    for j, (name, fn, sig, consts, attrs, options) in enumerate(jobs):
+        if j % nworkers != worker:
+            continue
+        k = triton.compile(triton.compiler.ASTSource(fn, signature=sig, constexprs=consts, attrs=attrs),
+                           target=target, options=options)
+        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+            f.write(k.asm["cubin"])
+        try:
+            out = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
+                                 text=True, check=True).stdout
+        finally:
+            os.unlink(f.name)
+        usage = {}
+        for line in out.splitlines():
+            if "REG:" in line:
+                usage = {m.group(1): int(m.group(2)) for m in re.finditer(r"(\w+(?:\[\d+\])?):(\d+)", line)}
+                break
+        print(json.dumps({"name": name, "reg": usage.get("REG"), "stack": usage.get("STACK"),
+                          "local": usage.get("LOCAL"), "shared": k.metadata.shared,
+                          "wgmma": "wgmma" in k.asm["ptx"]}), flush=True)
+''')
+
+
+@pytest.fixture(scope="module")
+def attention_sm90_report():
+    cuobjdump, reason = _nvidia_tools()
+    if reason:
+        pytest.skip(reason)
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    nworkers = 2
+    procs = [subprocess.Popen([sys.executable, "-c", _ATTN_CHILD, cuobjdump, str(w), str(nworkers)], cwd=ROOT,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for w in range(nworkers)]
+    rows = []
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        if p.returncode != 0:
+            pytest.fail(f"compiling the attention kernels for sm_90 failed (exit {p.returncode}):\n{err[-4000:]}")
+        rows += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    rows.sort(key=lambda r: r["name"])
+    print("\nattention Triton kernels at sm_90 (registers/thread, stack bytes, shared bytes):")
+    for r in rows:
+        print(f"  {r['name']:80s} reg={r['reg']:<4} stack={r['stack']:<4} local={r['local']:<4} "
+              f"shared={r['shared']}")
+    return rows
+
+
+def test_attention_every_config_compiles_for_sm90(attention_sm90_report):
+    from vqkernels.ops.attention import triton as A
+
+    assert len(attention_sm90_report) == len(A.shipped_configs()) + len(A.aux_configs())
+    for r in attention_sm90_report:
+        assert r["reg"] is not None, f"no resource usage read for {r['name']}"
+
+
+def test_attention_shipped_configs_cover_family():
+    """Every config the launcher can pick (for any dtype, any head dim) is one the test compiles."""
+    import torch
+
+    from vqkernels.ops.attention import triton as A
+
+    def key(kern, dt, cfg):  # decode_wide is the decode kernel at other blocks
+        return kern.replace("_wide", ""), dt in (torch.float16, torch.bfloat16), cfg
+
+    compiled = {key(kern, dt, cfg) for kern, dt, _, _, cfg in A.shipped_configs()}
+    missing = set()
+    for kern in A.KERNELS:
+        for dt in (torch.float16, torch.bfloat16, torch.float32):
+            for hd in range(A.MIN_HEAD_DIM, A.MAX_HEAD_DIM + 1):
+                cfg = A.family(kern, dt, hd)
+                if key(kern, dt, cfg) not in compiled:
+                    missing.add((kern, str(dt), cfg))
+    assert not missing, f"configs the launcher can run but the sm_90 test never compiles: {sorted(map(str, missing))}"
+
+
+def test_attention_no_register_spills_at_sm90(attention_sm90_report):
+    spilled = [r for r in attention_sm90_report if r["stack"] or r["local"]]
+    assert not spilled, "register spills (stack/local bytes per thread) at sm_90:\n" + "\n".join(
+        f"  {r['name']}: reg={r['reg']} stack={r['stack']} local={r['local']}" for r in spilled)
+
+
+def test_attention_shared_memory_fits_h100(attention_sm90_report):
+    limit = 227 * 1024
+    over = [r for r in attention_sm90_report if r["shared"] > limit]
+    assert not over, "\n".join(f"  {r['name']}: shared={r['shared']} > {limit}" for r in over)
+
+
+def test_attention_half_precision_uses_wgmma(attention_sm90_report):
+    """The half-precision forward and backward at the fast head dims (64, 128) run on Hopper's wgmma."""
+    slow = [r["name"] for r in attention_sm90_report
+            if r["name"].split()[0] in ("fwd", "bwd_dkdv", "bwd_dq") and "float32" not in r["name"]
+            and ("Dh=64 " in r["name"] or "Dh=128" in r["name"]) and not r["wgmma"]]
     assert not slow, "no wgmma in: " + ", ".join(slow)
