@@ -1,4 +1,5 @@
-"""vqkernels: fused kernels for vector quantization (nearest-code search, VQ loss) and the stack on top.
+"""vqkernels: fused kernels for vector quantization (nearest-code search, VQ loss) and attention, and the VQGAN +
+GPT stack on top (``vqkernels.models``).
 
 ``import vqkernels`` is cheap: it queries no GPU and compiles nothing. The C++/CUDA extension
 ``vqkernels._C`` is loaded on first use; :func:`info` says whether it was built and with what.
@@ -8,7 +9,8 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from ._backend import BACKENDS, BackendNotSupported, use_backend
-from .nn import VectorQuantize, VectorQuantizer
+from .nn import CausalSelfAttention, KVCache, VectorQuantize, VectorQuantizer
+from .ops.attention import attention, attention_with_kv_cache, causal_attention
 from .ops.nearest_code import nearest_code
 from .ops.code_stats import code_stats, code_usage, ema_update_, ema_update_from_stats_
 from .ops.vq_loss import vector_quantize, vq_loss
@@ -17,6 +19,7 @@ __all__ = [
     "BACKENDS", "BackendNotSupported", "use_backend", "info", "__version__",
     "nearest_code", "vq_loss", "vector_quantize", "ema_update_", "ema_update_from_stats_", "code_stats",
     "code_usage", "VectorQuantizer", "VectorQuantize",
+    "attention", "causal_attention", "attention_with_kv_cache", "CausalSelfAttention", "KVCache",
 ]
 
 

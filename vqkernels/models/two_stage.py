@@ -1,0 +1,270 @@
+"""The two-stage image model: a frozen VQGAN turns images into code indices, a GPT models the codes.
+
+taming-transformers' ``Net2NetTransformer`` for its unconditional (a start-of-sequence token, taming's
+``SOSProvider``) and class-conditional (a class token, taming's ``Labelator``) cases. As in taming, the
+conditioning token shares ``tok_emb`` with the codes, without an offset: class c is token c, the start token
+is ``sos_token``. The state_dict keys are taming's (``first_stage_model.*``, ``transformer.*``; its cond stage
+and identity permuter have no weights), so a taming checkpoint loads through :meth:`VQGANTransformer.from_taming`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ._checkpoint import (CheckpointError, PretrainedMixin, check_state_dict, load_torch_checkpoint, load_yaml_config,
+                          select_prefix)
+from .gpt import GPT, GPTConfig
+from .vqgan import VQGANConfig, VQModel
+
+__all__ = ["VQGANTransformerConfig", "VQGANTransformer"]
+
+_NET2NET = "taming.models.cond_transformer.Net2NetTransformer"
+_MINGPT = "taming.modules.transformer.mingpt.GPT"
+_SOS = "taming.modules.util.SOSProvider"
+_LABELATOR = "taming.modules.util.Labelator"
+_IDENTITY = "taming.modules.transformer.permuter.Identity"
+
+
+@dataclass
+class VQGANTransformerConfig:
+    gpt: GPTConfig
+    vqgan: VQGANConfig
+    n_classes: int | None = None  # None: unconditional (sos_token first); else class c is the first token
+    sos_token: int = 0
+    pkeep: float = 1.0  # training: each code is kept with this probability, else replaced by a random token
+    latent_size: tuple[int, int] | None = None  # (h, w) of the code grid sampled; None: resolution / f squared
+
+    def __post_init__(self):
+        if isinstance(self.gpt, dict):
+            self.gpt = GPTConfig.from_dict(self.gpt)
+        if isinstance(self.vqgan, dict):
+            self.vqgan = VQGANConfig.from_dict(self.vqgan)
+        if self.latent_size is None:
+            s = self.vqgan.resolution // self.vqgan.downsample_factor
+            self.latent_size = (s, s)
+        self.latent_size = tuple(int(v) for v in self.latent_size)
+        V = self.gpt.vocab_size
+        if len(self.latent_size) != 2 or min(self.latent_size) < 1:
+            raise ValueError(f"latent_size must be two positive ints (h, w), got {self.latent_size}")
+        if V < self.vqgan.n_embed:
+            raise ValueError(f"the GPT's vocab_size ({V}) must cover the VQGAN's {self.vqgan.n_embed} codes")
+        if self.n_classes is None:
+            if not 0 <= self.sos_token < V:
+                raise ValueError(f"sos_token must be a token id in [0, vocab_size = {V}), got {self.sos_token}")
+        elif isinstance(self.n_classes, bool) or not isinstance(self.n_classes, int) or not 1 <= self.n_classes <= V:
+            raise ValueError(f"n_classes must be None (unconditional) or an int in [1, vocab_size = {V}] (class c "
+                             f"is token c, as taming's Labelator), got {self.n_classes!r}")
+        if not 0.0 <= self.pkeep <= 1.0:
+            raise ValueError(f"pkeep must be in [0, 1], got {self.pkeep}")
+        h, w = self.latent_size
+        if h * w > self.gpt.block_size:  # the model sees the condition token + h*w - 1 codes
+            raise ValueError(f"block_size ({self.gpt.block_size}) must hold the {h}x{w} = {h * w} positions "
+                             f"(one conditioning token + {h * w - 1} codes) of a sample")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "VQGANTransformerConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"VQGANTransformerConfig: unknown field(s) {unknown}; the fields are {sorted(names)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["vqgan"] = self.vqgan.to_dict()
+        d["latent_size"] = list(self.latent_size)
+        return d
+
+    @classmethod
+    def from_taming(cls, config) -> "VQGANTransformerConfig":
+        """From taming's Net2NetTransformer YAML (path or dict, ``model: {target, params}``) or its ``params``.
+
+        Supported: ``transformer_config`` mingpt.GPT; ``first_stage_config`` taming's VQModel;
+        ``cond_stage_config`` ``__is_unconditional__`` / SOSProvider (or ``unconditional: true``) and
+        Labelator; ``permuter_config`` absent or Identity. Other conditionings (depth, segmentation,
+        ``__is_first_stage__``) and permuters are refused with NotImplementedError."""
+        cfg = load_yaml_config(config)
+        if "model" in cfg:
+            cfg = cfg["model"]
+        if "target" in cfg:
+            if cfg["target"] != _NET2NET:
+                raise NotImplementedError(f"config: model target {cfg['target']!r} is not supported; "
+                                          f"expected {_NET2NET}")
+            cfg = cfg.get("params", {})
+        for key in ("transformer_config", "first_stage_config"):
+            if key not in cfg:
+                raise ValueError(f"config: Net2NetTransformer params need {key!r}; got keys {sorted(cfg)}")
+        tc = cfg["transformer_config"]
+        if tc.get("target") != _MINGPT:
+            raise NotImplementedError(f"config: transformer_config target {tc.get('target')!r} is not supported; "
+                                      f"only {_MINGPT}")
+        gpt = GPTConfig.from_dict(dict(tc.get("params", {})))
+        vqgan = VQGANConfig.from_taming(cfg["first_stage_config"])
+
+        permuter = cfg.get("permuter_config")
+        if permuter is not None and permuter.get("target") != _IDENTITY:
+            raise NotImplementedError(f"config: permuter_config target {permuter.get('target')!r} is not supported; "
+                                      f"only the identity ({_IDENTITY}, or none): codes are modelled in raster order")
+        sos_token = int(cfg.get("sos_token", 0))
+        cond = cfg.get("cond_stage_config")
+        n_classes = None
+        if cfg.get("unconditional", False) or cond == "__is_unconditional__":
+            pass
+        elif isinstance(cond, dict) and cond.get("target") == _SOS:
+            sos_token = int(cond.get("params", {}).get("sos_token", sos_token))
+        elif isinstance(cond, dict) and cond.get("target") == _LABELATOR:
+            n_classes = int(cond["params"]["n_classes"])
+        else:
+            what = cond if isinstance(cond, str) else (cond or {}).get("target")
+            raise NotImplementedError(
+                f"config: cond_stage_config {what!r} is not supported; only unconditional models "
+                f"(__is_unconditional__, {_SOS}) and class-conditional ones ({_LABELATOR})")
+        return cls(gpt=gpt, vqgan=vqgan, n_classes=n_classes, sos_token=sos_token,
+                   pkeep=float(cfg.get("pkeep", 1.0)))
+
+
+class VQGANTransformer(nn.Module, PretrainedMixin):
+    """A frozen :class:`VQModel` first stage and a :class:`GPT` over its code indices (raster order).
+
+    ``forward(x, c=None) -> (logits (B, h*w, vocab), target (B, h*w))`` as taming's: x images (B, C, H, W),
+    c class ids (B,) for a class-conditional model (ignored by an unconditional one). While training with
+    ``pkeep < 1`` the GPT's inputs (not the targets) are corrupted as taming does.
+    ``sample(n, class_label=...) -> images``; ``sample_codes`` returns the code grid.
+    """
+
+    config_class = VQGANTransformerConfig
+
+    def __init__(self, config: VQGANTransformerConfig):
+        super().__init__()
+        if not isinstance(config, VQGANTransformerConfig):
+            raise TypeError(f"VQGANTransformer(config): expected a VQGANTransformerConfig, got {type(config).__name__}")
+        self.config = config
+        self.first_stage_model = VQModel(config.vqgan)
+        self.first_stage_model.requires_grad_(False)
+        self.first_stage_model.eval()
+        self.transformer = GPT(config.gpt)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.first_stage_model.eval()  # frozen: always in eval mode, as taming's disabled_train
+        return self
+
+    @property
+    def conditional(self) -> bool:
+        return self.config.n_classes is not None
+
+    # -- tokens --------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_to_z(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> code indices (B, h*w) int64, raster order."""
+        _, _, (_, _, indices) = self.first_stage_model.encode(x)
+        return indices.reshape(x.shape[0], -1).long()
+
+    def cond_tokens(self, batch: int, c=None, device=None) -> torch.Tensor:
+        """The conditioning token of each sequence (B, 1) int64: the class id, or sos_token."""
+        if not self.conditional:
+            return torch.full((batch, 1), self.config.sos_token, dtype=torch.int64, device=device)
+        if c is None:
+            raise ValueError(f"this model is class-conditional ({self.config.n_classes} classes): pass class labels")
+        c = torch.as_tensor(c, device=device)
+        if c.dim() == 0:
+            c = c.expand(batch)
+        if c.dim() != 1 or c.shape[0] != batch or c.is_floating_point() or c.is_complex():
+            raise ValueError(f"class labels must be an int or {batch} integer ids (B,), got "
+                             f"{tuple(c.shape)} {c.dtype}")
+        if c.numel():
+            lo, hi = (int(v) for v in torch.aminmax(c))
+            if lo < 0 or hi >= self.config.n_classes:
+                raise ValueError(f"class label {lo if lo < 0 else hi} is outside the model's classes "
+                                 f"[0, {self.config.n_classes})")
+        return c.long()[:, None]
+
+    # -- training ------------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, c=None) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.encode_to_z(x)  # (B, L)
+        cond = self.cond_tokens(z.shape[0], c, z.device)  # (B, 1)
+        if self.training and self.config.pkeep < 1.0:
+            # taming's corruption: keep each code with probability pkeep, else a uniform random token
+            keep = torch.bernoulli(self.config.pkeep * torch.ones(z.shape, device=z.device)).round().long()
+            rand = torch.randint_like(z, self.config.gpt.vocab_size)
+            a = keep * z + (1 - keep) * rand
+        else:
+            a = z
+        cz = torch.cat((cond, a), dim=1)  # (B, 1 + L)
+        logits, _ = self.transformer(cz[:, :-1])  # (B, L, V)
+        logits = logits[:, cond.shape[1] - 1:]  # output i predicts code i
+        return logits, z
+
+    def training_loss(self, x: torch.Tensor, c=None) -> torch.Tensor:
+        """Cross-entropy of the codes of x (taming's shared_step)."""
+        logits, target = self(x, c)
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1))
+
+    # -- sampling ------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def sample_codes(self, n: int, *, class_label=None, temperature: float = 1.0, top_k: int | None = None,
+                     top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n code grids (n, h, w) int64 drawn from the GPT (cached decoding; see :meth:`GPT.generate`)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        device = next(self.parameters()).device
+        if not self.conditional and class_label is not None:
+            raise ValueError("this model is unconditional: class_label must be None")
+        cond = self.cond_tokens(n, class_label, device)
+        h, w = self.config.latent_size
+        tokens = self.transformer.generate(cond, h * w, temperature=temperature, top_k=top_k, top_p=top_p,
+                                           generator=generator)
+        return tokens[:, cond.shape[1]:].reshape(n, h, w)
+
+    @torch.inference_mode()
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Code grids (n, h, w) -> images (n, C, h*f, w*f) in the first stage's range (about [-1, 1])."""
+        return self.first_stage_model.decode_code(codes)
+
+    @torch.inference_mode()
+    def sample(self, n: int, *, class_label=None, temperature: float = 1.0, top_k: int | None = None,
+               top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n images (n, C, H, W) (not clamped; about [-1, 1]): codes from the GPT, decoded by the first stage.
+        class_label: an int or n ids for a class-conditional model. Timing: ``transformer.last_generate_stats``."""
+        codes = self.sample_codes(n, class_label=class_label, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  generator=generator)
+        return self.decode_codes(codes)
+
+    # -- taming checkpoints --------------------------------------------------------------------------
+
+    @classmethod
+    def from_taming(cls, checkpoint, config, *, trust_checkpoint: bool = False,
+                    map_location="cpu") -> "VQGANTransformer":
+        """Load a taming-transformers Net2NetTransformer.
+
+        checkpoint: a Lightning ``last.ckpt`` path, such a dict, or a state_dict (``first_stage_model.*``,
+            ``transformer.*``); read with ``torch.load(weights_only=True)`` unless ``trust_checkpoint=True``.
+        config: taming's YAML (path or dict) for the Net2NetTransformer (see
+            :meth:`VQGANTransformerConfig.from_taming` for what is supported), or a VQGANTransformerConfig.
+        The first stage's ``loss.*`` entries are ignored; minGPT's attention masks are checked and dropped;
+        every other key and shape must match.
+        """
+        cfg = config if isinstance(config, VQGANTransformerConfig) else VQGANTransformerConfig.from_taming(config)
+        sd = load_torch_checkpoint(checkpoint, trust_checkpoint=trust_checkpoint, map_location=map_location)
+        model = cls(cfg)
+        first = select_prefix(sd, "first_stage_model.", drop=("loss.",))
+        gpt = select_prefix(sd, "transformer.")
+        other = [k for k in sd if not k.startswith(("first_stage_model.", "transformer."))]
+        if other:
+            raise CheckpointError(f"checkpoint: entries outside first_stage_model.* and transformer.* (a cond stage "
+                                  f"or permuter with weights is not supported): {other[:5]}")
+        extra = {f"quantize.{k}" for k in ("cluster_size", "embed_sum", "initted")}
+        check_state_dict(model.first_stage_model, first, what="checkpoint's first_stage_model", ignore_missing=extra)
+        model.first_stage_model.load_state_dict(first, strict=True)
+        masks = {k for k in gpt if k.endswith(".attn.mask")}
+        check_state_dict(model.transformer, {k: v for k, v in gpt.items() if k not in masks},
+                         what="checkpoint's transformer")
+        model.transformer.load_state_dict(gpt, strict=True)  # the masks are validated by the attention's load hook
+        return model.eval()
