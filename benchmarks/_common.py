@@ -1,12 +1,33 @@
-"""What the pytest-benchmark modules share: the device, the memory cap, threads and the timed callable."""
+"""What the pytest-benchmark modules share: the cases of a suite, and one benchmark of one (case, provider).
+
+Every ``bench_*.py`` module runs the providers and sizes of a suite of :mod:`vqkernels.bench` (the runner's, see
+``vqkernels/bench/protocol.py``), timed by pytest-benchmark instead of the runner. ``extra_info`` holds the
+suite's metrics (GFLOP/s, TFLOP/s, GB/s, images/s, tokens/s: its work per call over the median), the peak extra
+memory of one untimed call (CUDA: max_memory_allocated above the inputs; CPU: VmHWM above VmRSS in this
+process -- the runner measures each case in a fresh process, for exact CPU peaks), and the suite's check
+columns. CUDA calls synchronise the device inside the timed function.
+
+Environment (all modules):
+    VQKERNELS_BENCH_SIZES    small (default) | suite | a comma list of the suite's sizes (named, or its dimensions)
+    VQKERNELS_BENCH_DTYPES   a comma list of dtypes (default: fp32 for small sizes, every dtype for suite)
+    VQKERNELS_BENCH_MODES    a comma list of the suite's modes (default: all of its cases' modes)
+    VQKERNELS_BENCH_DEVICE   auto (default: cuda when present) | cpu | cuda
+    VQKERNELS_BENCH_THREADS  CPU threads for torch and FAISS (default: every usable core)
+    VQKERNELS_BENCH_ROUNDS   timed rounds (default 5)
+"""
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
 
-from vqkernels.bench.runner import _MemoryMeter, _set_threads, _usable_cores
+from vqkernels.bench.measure import set_threads
+from vqkernels.bench.memory import MemoryMeter
+from vqkernels.bench.plan import default_mem_cap
+from vqkernels.bench.protocol import Case
+from vqkernels.bench.stamps import usable_cores
 
 
 def bench_device() -> str:
@@ -17,16 +38,36 @@ def bench_device() -> str:
     return want
 
 
-def skip_over_memory_cap(nk_bytes: int, device: str) -> None:
-    """Skip a provider whose N x K matrices would not fit: 90% of the GPU, or half the RAM."""
-    cap = int(0.9 * torch.cuda.get_device_properties(0).total_memory) if device == "cuda" else \
-        os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-    if nk_bytes > cap:
-        pytest.skip(f"its N x K matrices need more than the memory cap ({cap / 2**30:.1f} GiB)")
+def _env_list(name: str) -> list[str]:
+    return [s for s in os.environ.get(name, "").replace(" ", ",").split(",") if s]
+
+
+def suite_cases(suite, small: list[Case]) -> list[tuple[Case, str]]:
+    """(case, provider) pairs: ``small`` (default), the suite's default cases, or the sizes named."""
+    device = bench_device()
+    sizes_env = os.environ.get("VQKERNELS_BENCH_SIZES", "small").strip()
+    dtypes = _env_list("VQKERNELS_BENCH_DTYPES")
+    modes = _env_list("VQKERNELS_BENCH_MODES")
+    if sizes_env == "suite":
+        cases = suite.default_cases(device)
+    elif sizes_env == "small":
+        cases = list(small)
+        dtypes = dtypes or ["fp32"]
+    else:
+        cases = suite.cases_for([suite.parse_size(s) for s in sizes_env.split(",") if s], dtypes or ["fp32"], device)
+    if dtypes:
+        cases = [c for c in cases if c.dtype in dtypes]
+    if modes:
+        cases = [c for c in cases if c.mode in modes]
+    return [(c, p) for c in cases for p in c.providers]
+
+
+def case_id(suite, case: Case, provider: str) -> str:
+    return f"{provider}-{suite.case_label(case)}".replace(" ", "-")
 
 
 def set_bench_threads() -> None:
-    _set_threads(int(os.environ.get("VQKERNELS_BENCH_THREADS", _usable_cores())))
+    set_threads(int(os.environ.get("VQKERNELS_BENCH_THREADS", usable_cores())))
 
 
 def synchronized(fn, device: str):
@@ -44,7 +85,7 @@ def synchronized(fn, device: str):
 
 def measured_call(call, device: str):
     """One untimed call: (its output, the peak extra memory in bytes, how it was measured). Also a warm-up."""
-    meter = _MemoryMeter(device)
+    meter = MemoryMeter(device)
     meter.start()
     out = call()
     return out, meter.peak(), meter.method
@@ -52,3 +93,60 @@ def measured_call(call, device: str):
 
 def rounds() -> int:
     return int(os.environ.get("VQKERNELS_BENCH_ROUNDS", "5"))
+
+
+_REF: dict = {}  # reference answers per (suite, case, device), shared by the providers of one case
+
+
+def run_case(benchmark, suite, case: Case, provider: str) -> dict:
+    """Benchmark one provider on one case; returns ``extra_info`` (skips with the reason when it cannot run)."""
+    prov = suite.providers[provider]
+    device = prov.data_device or bench_device()
+    reasons = prov.reasons(case, device)
+    if reasons:
+        pytest.skip("; ".join(reasons))
+    elsewhere = [p for p in (prov.child_path() if prov.child_path else []) if os.path.abspath(p) not in
+                 {os.path.abspath(q) for q in sys.path}]
+    if elsewhere:
+        pytest.skip(f"{provider} imports a separate install ({elsewhere[0]}) and needs its own process: "
+                    f"use the runner (vqkernels bench --ops {suite.op})")
+    real = prov.extra.get("needs_real_module")  # a stand-in for it in this process (taming's) would be used instead
+    if real in sys.modules and not hasattr(sys.modules[real], "__version__"):
+        pytest.skip(f"a stand-in for {real} holds this process (taming's): use the runner, which isolates providers")
+    need, cap = suite.estimate_bytes(prov, case), default_mem_cap(device)
+    if need > cap:
+        pytest.skip(f"it needs ~{need / 2**30:.1f} GiB, more than the memory cap ({cap / 2**30:.1f} GiB)")
+    set_bench_threads()
+    benchmark.group = f"{suite.op} {suite.case_label(case)}"
+
+    tiny = suite.warmup_case(case)
+    if tiny != case:
+        synchronized(prov.build(suite.make_inputs(tiny, device, 1), tiny), device)()
+    inputs = suite.make_inputs(case, device, 0)
+    fn = prov.build(inputs, case)
+    call = synchronized(fn, device)
+
+    # One untimed call for the peak memory and the correctness check; it also warms the provider.
+    out, peak, mem_method = measured_call(call, device)
+    info, checks = {}, {}
+    if prov.checked:
+        ans, info = suite.answer(prov, inputs, case, fn, out)
+        key = (suite.op, suite.case_label(case), device)
+        if provider == suite.reference_provider:
+            _REF[key] = ans
+        elif key not in _REF:
+            _REF[key] = suite.reference(inputs, case)
+        if _REF[key] is not None:
+            checks = suite.compare(inputs, case, ans, _REF[key])
+    del out
+
+    benchmark.pedantic(call, rounds=rounds(), warmup_rounds=1, iterations=1)
+
+    median = benchmark.stats.stats.median
+    benchmark.extra_info.update(
+        op=suite.op, provider=provider, kind=prov.kind, device=device, **case.size._asdict(), dtype=case.dtype,
+        mode=case.mode, threads=torch.get_num_threads(),
+        **{m.column: m.rate(case, median) for m in suite.metrics},
+        peak_mem_bytes=peak, mem_method=mem_method, **info, **checks,
+    )
+    return benchmark.extra_info

@@ -1,14 +1,21 @@
 """The benchmark runner's smoke runs: --quick writes a stamped CSV/JSON (+ plot) per op and never crashes on a
 provider that cannot run here (it is recorded as skipped, with its reason)."""
 import csv
+import importlib.util
 import json
+import sys
 
 import pytest
 
+from vqkernels.bench import nearest_code as nc
 from vqkernels.bench import runner
 
 STAMPS = ["date_utc", "device_name", "cpu_model", "cores", "git_sha", "python", "torch", "vqkernels"]
 STATUSES = {"ok", "skipped", "too_big", "timeout", "error", "oom"}
+
+
+def _importable(name):
+    return importlib.util.find_spec(name) is not None
 
 
 def _read(out, op="nearest_code"):
@@ -25,7 +32,7 @@ def test_quick_run_writes_stamped_results(tmp_path, capsys):
     rc = runner.main(["--quick", "--ops", "nearest_code", "--device", "cpu", "--threads", "1", "--out", str(out)])
     assert rc == 0
     header, rows, data = _read(out)
-    assert header == runner.CSV_COLUMNS
+    assert header == nc.SUITE.csv_columns()
     assert rows and len(rows) == len(data["results"])
     for r in rows:
         assert r["status"] in STATUSES, r
@@ -88,9 +95,7 @@ def test_memory_cap_skips_full_matrix_providers(tmp_path):
 
 @pytest.mark.parametrize("token,expect", [("65536x8192x64", (65536, 8192, 64)), ("taming", (3072, 1024, 256))])
 def test_size_parsing(token, expect):
-    from vqkernels.bench import nearest_code as nc
-
-    s = runner._parse_size(nc, token)
+    s = runner._parse_size(nc.SUITE, token)
     assert (s.N, s.K, s.D) == expect
 
 
@@ -100,12 +105,13 @@ def test_size_parsing(token, expect):
 def test_quantizer_quick_run(tmp_path, capsys):
     from vqkernels.bench import quantizer as q
 
+    have_taming = _importable("taming")
     out = tmp_path / "q"
     rc = runner.main(["--quick", "--ops", "quantizer", "--device", "cpu", "--threads", "1", "--out", str(out)])
     assert rc == 0
     assert not (out / "nearest_code.csv").exists()
     header, rows, data = _read(out, "quantizer")
-    assert header == q.CSV_COLUMNS
+    assert header == q.SUITE.csv_columns()
     assert {r["provider"] for r in rows} == set(q.CPU_PROVIDERS)
     assert len(rows) == len(q.CPU_PROVIDERS) * len(q.default_cases("cpu", quick=True))
     for r in rows:
@@ -118,7 +124,7 @@ def test_quantizer_quick_run(tmp_path, capsys):
         # the same codebook and input: every module picks taming's codes
         assert float(r["index_match_vs_taming"]) == 1.0, r
         assert float(r["loss"]) > 0
-        if r["provider"] != "taming":
+        if r["provider"] != "taming" and have_taming:
             assert r["speedup_vs_taming"] != ""
         for k in STAMPS:
             assert r[k] != "", f"stamp {k} missing"
@@ -129,7 +135,11 @@ def test_quantizer_quick_run(tmp_path, capsys):
             assert r["loss_twin"] == twin and float(r["loss_rel_diff"]) < 1e-5, r  # the same loss as its peer
     assert (out / "quantizer.png").stat().st_size > 0
     table = capsys.readouterr().out
-    assert "vqkernels vs taming" in table and "vqkernels-ema vs vqtorch-ema" in table
+    # the like-with-like lines where the peer is installed; a missing peer's rows are skipped with the reason
+    if have_taming:
+        assert "vqkernels vs taming" in table
+    if _importable("vector_quantize_pytorch"):
+        assert "vqkernels-ema vs vqtorch-ema" in table
 
 
 def test_ops_default_to_every_suite_and_filter_by_provider():
@@ -152,3 +162,104 @@ def test_list_shows_both_suites(capsys):
     assert "providers (nearest_code)" in text and "providers (quantizer)" in text
     assert "12288x1024x256 fp32" in text and "32768x16384x8 fp32" in text
     assert "131072x16384x32" not in text.split("providers (quantizer)")[1].split("planned")[1]  # CPU: --large only
+
+
+def test_missing_peers_are_skipped_with_a_reason(tmp_path, monkeypatch):
+    # The GPU image has none of the peers: their rows are skipped with the reason and ours still run and are
+    # checked (against taming's formula, when taming itself is missing).
+    for name in ("taming", "vector_quantize_pytorch", "faiss"):
+        monkeypatch.setitem(sys.modules, name, None)  # makes `import name` raise ImportError
+    out = tmp_path / "nopeers"
+    rc = runner.main(["--quick", "--ops", "quantizer", "--device", "cpu", "--threads", "1", "--no-plot",
+                      "--out", str(out)])
+    assert rc == 0
+    _, rows, _ = _read(out, "quantizer")
+    st = {r["provider"]: r for r in rows if r["case"].startswith("768x256x32")}
+    for peer, module in (("taming", "taming"), ("vqtorch", "vector_quantize_pytorch"),
+                         ("vqtorch-ema", "vector_quantize_pytorch")):
+        assert st[peer]["status"] == "skipped" and module in st[peer]["reason"], st[peer]
+    for ours in ("vqkernels", "vqkernels-ema"):
+        assert st[ours]["status"] == "ok", st[ours]["reason"]
+        assert float(st[ours]["index_match_vs_taming"]) == 1.0
+    out = tmp_path / "nofaiss"
+    assert runner.main(["--sizes", "64x32x8", "--providers", "faiss", "torch", "--device", "cpu", "--in-process",
+                        "--repeats", "1", "--no-plot", "--out", str(out)]) == 0
+    _, rows, _ = _read(out)
+    st = {r["provider"]: r for r in rows}
+    assert st["faiss"]["status"] == "skipped" and "faiss" in st["faiss"]["reason"]
+    assert st["torch"]["status"] == "ok"
+
+
+def test_every_suite_declares_the_protocol():
+    # Each suite imports without its providers' packages and declares sizes of its own named dimensions,
+    # metrics with units, providers of known kinds, and CSV columns that hold its dimensions and metrics.
+    from vqkernels.bench import OPS
+    from vqkernels.bench.measure import load_suite
+    from vqkernels.bench.protocol import KINDS, Suite
+
+    for op in OPS:
+        suite = load_suite(op)
+        assert isinstance(suite, Suite) and suite.op == op
+        fields = suite.Size._fields
+        assert fields and all(isinstance(s.size, suite.Size) for s in suite.sizes.values()), op
+        assert suite.metrics and all(m.unit and m.column for m in suite.metrics), op
+        cols = suite.csv_columns()
+        assert set(fields) <= set(cols) and {m.column for m in suite.metrics} <= set(cols), op
+        assert all(p.kind in KINDS for p in suite.providers.values()), op
+        for device in ("cpu", "cuda"):
+            for c in suite.default_cases(device, quick=True):
+                assert isinstance(c.size, suite.Size) and c.dtype in suite.dtypes and c.providers, (op, c)
+                assert not suite.modes or c.mode in suite.modes, (op, c)
+                assert set(c.providers) <= set(suite.providers), (op, c)
+
+
+# ---------------------------------------------------------------------------------------------
+# The attention and model suites: the same runner, their own dimensions and units
+
+def test_attention_quick_run_reports_its_units(tmp_path):
+    from vqkernels.bench import attention as at
+
+    out = tmp_path / "att"
+    rc = runner.main(["--quick", "--ops", "attention", "--device", "cpu", "--threads", "1", "--no-plot",
+                      "--providers", "torch", "sdpa", "mingpt", "sdpa-mask", "mingpt-past", "--out", str(out)])
+    assert rc == 0
+    header, rows, _ = _read(out, "attention")
+    assert header == at.SUITE.csv_columns() and {"B", "H", "T", "Dh", "mode", "tflops", "gb_per_s"} <= set(header)
+    ran = [r for r in rows if r["status"] == "ok"]
+    assert {(r["provider"], r["mode"]) for r in ran} >= {("torch", "fwd"), ("sdpa", "fwdbwd-causal"),
+                                                         ("mingpt", "fwd"), ("sdpa-mask", "decode"),
+                                                         ("mingpt-past", "decode")}
+    for r in rows:
+        if r["status"] != "ok":
+            assert r["reason"], r
+            continue
+        assert float(r["max_abs_err"]) < 1e-4, r  # fp32 against a float32 explicit computation
+        if r["mode"] == "decode":
+            assert float(r["tokens_per_s"]) > 0 and float(r["gb_per_s"]) > 0 and r["tflops"] == ""
+        else:
+            assert float(r["tflops"]) > 0 and r["gb_per_s"] == ""
+    # the decoding-only providers are skipped, with the reason, on the other modes
+    st = {(r["provider"], r["mode"]): r for r in rows}
+    assert st[("sdpa-mask", "fwd")]["status"] == "skipped" and st[("sdpa-mask", "fwd")]["reason"]
+
+
+def test_model_suites_quick_run(tmp_path):
+    # ours in-process; taming's minGPT in its own process (it needs the stand-ins of benchmarks/)
+    out = tmp_path / "models"
+    rc = runner.main(["--quick", "--ops", "vqgan", "gpt", "--device", "cpu", "--threads", "1", "--no-plot",
+                      "--modes", "train", "--providers", "vqkernels", "taming", "--out", str(out)])
+    assert rc == 0
+    _, vrows, _ = _read(out, "vqgan")
+    _, grows, _ = _read(out, "gpt")
+    assert {r["mode"] for r in vrows} == {"train"} and {r["mode"] for r in grows} == {"train"}
+    for r in vrows + grows:
+        assert r["status"] in ("ok", "skipped"), r
+        if r["provider"] == "vqkernels":
+            assert r["status"] == "ok", r["reason"]
+        if r["status"] == "ok":
+            assert float(r["images_per_s" if r["op"] == "vqgan" else "tokens_per_s"]) > 0
+        else:
+            assert r["reason"]
+    taming_gpt = next(r for r in grows if r["provider"] == "taming")
+    if _importable("taming"):
+        assert taming_gpt["status"] == "ok", taming_gpt["reason"]

@@ -1,21 +1,37 @@
-"""The benchmark suite: providers, sizes and a runner that writes stamped CSV/JSON/plots.
+"""The benchmark suites: providers, sizes and a runner that writes stamped CSV/JSON/plots.
 
-- :mod:`vqkernels.bench.nearest_code` -- the providers (our backends and the peers: taming-transformers'
-  full distance matrix, vector-quantize-pytorch's cdist, FAISS IndexFlatL2, and a bare matmul as the
-  floor) and the sizes (taken from real models) of the ``nearest_code`` op.
-- :mod:`vqkernels.bench.quantizer` -- the providers and sizes of a quantizer training step (forward +
-  backward + EMA update): our ``VectorQuantizer`` / ``VectorQuantize`` against taming-transformers'
-  ``VectorQuantizer2`` and vector-quantize-pytorch's ``VectorQuantize``.
-- :mod:`vqkernels.bench.runner` -- measures time, throughput, peak extra memory and correctness of
-  every (provider, size, dtype, threads) case, each in a fresh subprocess by default, and writes the
-  results. ``vqkernels bench`` and ``python benchmarks/run.py`` call :func:`runner.main`.
+Each suite's module holds a ``SUITE`` (:class:`vqkernels.bench.protocol.Suite`): its sizes (a named tuple of its
+own dimensions), modes, throughput metrics, providers (ours, the reference, the peers people run today, a
+floor) and correctness check.
 
-Nothing here is imported by ``import vqkernels``; importing this package imports no GPU library and
+- :mod:`.nearest_code` -- the search alone, (N, K, D), GFLOP/s; peers taming, vector-quantize-pytorch, FAISS.
+- :mod:`.quantizer` -- a quantizer training step, (N, K, D), tokens/s; peers taming, vector-quantize-pytorch.
+- :mod:`.attention` -- attention forward / backward / cached decoding, (B, H, T, Dh), TFLOP/s and GB/s; peers
+  PyTorch SDPA per backend, flash-attn, minGPT's explicit-mask attention.
+- :mod:`.vqgan` -- a VQGAN training step, encoding and decoding, (config, batch, resolution), images/s; peer
+  taming-transformers.
+- :mod:`.gpt` -- GPT sampling and a training step, (batch, tokens, layers, heads, width, vocab), tokens/s;
+  peers taming's minGPT samplers and Hugging Face transformers' GPT-2 generate.
+- :mod:`.runner` -- the command line (``vqkernels bench``, ``python benchmarks/run.py``); see its docstring for
+  the modules that plan, measure, isolate, meter memory, stamp and report.
+
+Nothing here is imported by ``import vqkernels``; importing this package imports no GPU library, no peer and
 compiles nothing.
 """
 from __future__ import annotations
 
-# Which module holds the providers and sizes of each benchmarked op.
-OPS = {"nearest_code": "vqkernels.bench.nearest_code", "quantizer": "vqkernels.bench.quantizer"}
+# Which module holds the SUITE of each benchmarked op, in the order `--ops all` runs them.
+OPS = {
+    "nearest_code": "vqkernels.bench.nearest_code",
+    "quantizer": "vqkernels.bench.quantizer",
+    "attention": "vqkernels.bench.attention",
+    "vqgan": "vqkernels.bench.vqgan",
+    "gpt": "vqkernels.bench.gpt",
+}
+# What `vqkernels bench` runs without --ops: the kernel suites, minutes on 2 cores. `--ops all` adds attention
+# and the models (a CPU run of the models' suites takes tens of minutes: taming's sampler recomputes the prefix).
+DEFAULT_OPS = ("nearest_code", "quantizer")
+# Names for several suites at once (`--ops models`).
+OP_GROUPS = {"all": tuple(OPS), "models": ("vqgan", "gpt")}
 
-__all__ = ["OPS"]
+__all__ = ["OPS", "DEFAULT_OPS", "OP_GROUPS"]

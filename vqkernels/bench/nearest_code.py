@@ -2,9 +2,9 @@
 
 A *provider* is one way of answering "which code is nearest to each row of x": our backends, the
 code paths of the libraries people use today (the peers), and a bare matmul of the same shape (the
-floor: what the GEMM alone costs, not a search). Each is built from (N, K, D, dtype, device):
-``make_inputs`` gives x (N, D) and codebook (K, D), ``PROVIDERS[name].build(x, cb)`` gives a
-zero-argument callable whose result is the int64 indices (N,) -- or, for a floor, the (N, K) matrix.
+floor: what the GEMM alone costs, not a search). A size is ``Size(N, K, D)``; ``SUITE.make_inputs(case, device)``
+gives (x (N, D), codebook (K, D)) and ``PROVIDERS[name].build(inputs, case)`` a zero-argument callable whose
+result is the int64 indices (N,) -- or, for a floor, the (N, K) matrix (see :mod:`.protocol`).
 
 Kinds (the table's ratios use them):
     ours       vqkernels.nearest_code(backend=cpu|triton|cuda): the fused kernels
@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
-from typing import Callable
+from typing import NamedTuple
 
 import torch
+
+from .protocol import Case, Metric, NamedSize, Provider, Suite, fmt_time, group_rows
 
 OP = "nearest_code"
 
@@ -40,43 +41,23 @@ def dtype_of(name: str) -> torch.dtype:
 # ---------------------------------------------------------------------------------------------
 # Sizes (N vectors, K codes, D dimensions), named after where they come from.
 
-@dataclass(frozen=True)
-class Size:
+class Size(NamedTuple):
     N: int
     K: int
     D: int
-    note: str = ""
-
-    @property
-    def label(self) -> str:
-        return f"{self.N}x{self.K}x{self.D}"
 
 
 SIZES = {
-    "taming": Size(3072, 1024, 256, "taming-transformers ImageNet VQGAN (16x16 tokens x batch 12)"),
-    "llamagen": Size(32768, 16384, 8, "LlamaGen tokenizer (16384 codes of 8)"),
-    "cpu-target": Size(65536, 8192, 64, "the CPU kernel's target size"),
-    "d256": Size(16384, 16384, 256, "large D, bf16 CPU size"),
-    "large-d256": Size(262144, 16384, 256, "large, GPU (a full N x K fp32 matrix is 17 GB)"),
-    "large-k100k": Size(65536, 100000, 8, "large K, GPU"),
+    "taming": NamedSize(Size(3072, 1024, 256), "taming-transformers ImageNet VQGAN (16x16 tokens x batch 12)"),
+    "llamagen": NamedSize(Size(32768, 16384, 8), "LlamaGen tokenizer (16384 codes of 8)"),
+    "cpu-target": NamedSize(Size(65536, 8192, 64), "the CPU kernel's target size"),
+    "d256": NamedSize(Size(16384, 16384, 256), "large D, bf16 CPU size"),
+    "large-d256": NamedSize(Size(262144, 16384, 256), "large, GPU (a full N x K fp32 matrix is 17 GB)"),
+    "large-k100k": NamedSize(Size(65536, 100000, 8), "large K, GPU"),
     # --quick: tiny, odd shapes so a smoke run takes seconds and still exercises edge handling
-    "quick-a": Size(512, 256, 32, "smoke"),
-    "quick-b": Size(1000, 300, 8, "smoke, odd shape"),
+    "quick-a": NamedSize(Size(512, 256, 32), "smoke"),
+    "quick-b": NamedSize(Size(1000, 300, 8), "smoke, odd shape"),
 }
-
-
-@dataclass(frozen=True)
-class Case:
-    """One size at one dtype, and the providers that run on it."""
-
-    size: Size
-    dtype: str
-    providers: tuple[str, ...]
-
-    @property
-    def label(self) -> str:
-        return f"{self.size.label} {self.dtype}"
-
 
 CPU_PROVIDERS = ("cpu", "triton", "torch", "taming", "vqtorch", "faiss", "torch_mm")
 CUDA_PROVIDERS = ("cuda", "triton", "torch", "taming", "vqtorch", "cublas_matmul")
@@ -88,7 +69,7 @@ CUDA_LOWP_PROVIDERS = ("cuda", "triton", "torch", "taming", "vqtorch", "cublas_m
 
 def default_cases(device: str, quick: bool = False, large: bool = False) -> list[Case]:
     """The suite's defaults for a device ("cpu" or "cuda")."""
-    S = SIZES
+    S = {n: s.size for n, s in SIZES.items()}
     if device == "cuda":
         if quick:
             return [Case(S["quick-a"], "fp32", CUDA_PROVIDERS), Case(S["quick-b"], "fp32", CUDA_PROVIDERS),
@@ -112,30 +93,13 @@ def flops(N: int, K: int, D: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Providers.
+# Providers. build(inputs, case) with inputs = (x (N, D), codebook (K, D)); reasons(case, device).
 
 def make_inputs(N: int, K: int, D: int, dtype: str, device: str, seed: int = 0):
     """x (N, D) and codebook (K, D), standard normal, on ``device`` in ``dtype`` (the tests' factory)."""
     from ..testing import make_inputs as _make
 
     return _make(N, K, D, dtype_of(dtype), device, seed=seed)
-
-
-@dataclass(frozen=True)
-class Provider:
-    name: str
-    kind: str  # "ours" | "reference" | "peer" | "floor"
-    doc: str
-    build: Callable[[torch.Tensor, torch.Tensor], Callable[[], torch.Tensor]]
-    # Why this provider cannot run (N, K, D, dtype, device) here; empty: it can.
-    reasons: Callable[[int, int, int, str, str], list[str]]
-    # How many (N, K) matrices of the compute dtype it holds at its peak: the memory-cap estimate.
-    nk_matrices: float = 0.0
-    # Element size of those matrices: None = the input dtype's, else a fixed size (vqtorch upcasts).
-    nk_elem_bytes: int | None = None
-    returns_indices: bool = True
-    data_device: str | None = None  # where it computes when that is not the suite's device (faiss)
-    extra: dict = field(default_factory=dict)
 
 
 def _probe(N, K, D, dtype, device):
@@ -145,7 +109,7 @@ def _probe(N, K, D, dtype, device):
     return x, cb
 
 
-def _device_reasons(device: str) -> list[str]:
+def device_reasons(device: str) -> list[str]:
     if device == "cuda":
         try:
             ok = torch.cuda.is_available()
@@ -156,31 +120,49 @@ def _device_reasons(device: str) -> list[str]:
     return []
 
 
+_device_reasons = device_reasons  # the older name
+
+
+def backend_reasons(op: str, backend: str, **named) -> list[str]:
+    """Why ``backend`` cannot run ``op`` on these (named) arguments, from the op's own capability table."""
+    from .. import _backend
+
+    try:
+        return list(_backend.not_supported_reasons(op, backend, **named))
+    except TypeError:  # a table whose reason functions name their arguments differently: pass them in order
+        return list(_backend.not_supported_reasons(op, backend, *named.values()))
+
+
+def interpreter_reasons(backend: str, device: str) -> list[str]:
+    if (backend == "triton" and device == "cpu"
+            and os.environ.get("VQKERNELS_BENCH_ALLOW_INTERPRETER", "0") in ("", "0")):
+        return ["Triton runs on CPU tensors only under its interpreter, which is not worth timing "
+                "(--allow-interpreter times it anyway)"]
+    return []
+
+
 # --- ours and the reference: vqkernels.nearest_code(backend=...) -------------------------------
 
 def _ours_reasons(backend: str):
-    def reasons(N, K, D, dtype, device):
-        r = _device_reasons(device)
+    def reasons(case, device):
+        r = device_reasons(device)
         if r:
             return r
-        from .. import _backend
         from ..ops import nearest_code as nc  # noqa: F401  (registers the op's capability table)
 
-        x, cb = _probe(N, K, D, dtype, device)
-        r = _backend.not_supported_reasons(OP, backend, x, cb, 0, False)
-        if (backend == "triton" and device == "cpu" and not r
-                and os.environ.get("VQKERNELS_BENCH_ALLOW_INTERPRETER", "0") in ("", "0")):
-            r = ["Triton runs on CPU tensors only under its interpreter, which is not worth timing "
-                 "(--allow-interpreter times it anyway)"]
-        return r
+        N, K, D = case.size
+        x, cb = _probe(N, K, D, case.dtype, device)
+        r = backend_reasons(OP, backend, x=x, codebook=cb, metric=0, allow_tf32=False)
+        return r or interpreter_reasons(backend, device)
 
     return reasons
 
 
 def _ours_build(backend: str):
-    def build(x, cb):
+    def build(inputs, case):
         import vqkernels
 
+        x, cb = inputs
         return lambda: vqkernels.nearest_code(x, cb, backend=backend)
 
     return build
@@ -188,9 +170,11 @@ def _ours_build(backend: str):
 
 # --- peers ----------------------------------------------------------------------------------
 
-def _taming_build(x, cb):
+def _taming_build(inputs, case):
     # taming.modules.vqvae.quantize.VectorQuantizer2.forward: the full (N, K) distance matrix
     # ||x||^2 + ||c||^2 - 2 x c^T in the input dtype, then argmin over codes.
+    x, cb = inputs
+
     def fn():
         d = (torch.sum(x ** 2, dim=1, keepdim=True) + torch.sum(cb ** 2, dim=1)
              - 2 * torch.einsum("bd,dn->bn", x, cb.t()))
@@ -199,11 +183,13 @@ def _taming_build(x, cb):
     return fn
 
 
-def _vqtorch_build(x, cb):
+def _vqtorch_build(inputs, case):
     # vector-quantize-pytorch EuclideanCodebook.forward: inputs cast to float32 (autocast off),
     # dist = -cdist(flatten, embed), then argmax over codes (= cdist + argmin). Recent versions
     # compute their cdist as sqrt(clamp(x2 + y2 - 2 x y^T)) with an einsum; torch.cdist is the same
     # matrix with one fewer (N, K) temporary.
+    x, cb = inputs
+
     def fn():
         dist = -torch.cdist(x.float(), cb.float())
         return dist.argmax(dim=-1)
@@ -211,28 +197,29 @@ def _vqtorch_build(x, cb):
     return fn
 
 
-def _any_dtype_reasons(N, K, D, dtype, device):
-    return _device_reasons(device)
+def _any_dtype_reasons(case, device):
+    return device_reasons(device)
 
 
-def _faiss_reasons(N, K, D, dtype, device):
+def _faiss_reasons(case, device):
     try:
         import faiss  # noqa: F401
     except Exception as e:  # noqa: BLE001
         return [f"faiss is not importable ({type(e).__name__}: {e})"]
     r = []
-    if dtype != "fp32":
-        r.append(f"faiss IndexFlatL2 takes float32 only, not {dtype}")
+    if case.dtype != "fp32":
+        r.append(f"faiss IndexFlatL2 takes float32 only, not {case.dtype}")
     if device != "cpu":
         r.append("faiss-cpu runs on CPU only (pass --device cpu)")
     return r
 
 
-def _faiss_build(x, cb):
+def _faiss_build(inputs, case):
     # faiss.IndexFlatL2: add the codebook, search k=1. Adding is part of the call, as our op takes
     # the codebook on every call too (it is a K x D copy: negligible next to the search).
     import faiss
 
+    x, cb = inputs
     xn = x.contiguous().numpy()
     cbn = cb.contiguous().numpy()
 
@@ -247,17 +234,18 @@ def _faiss_build(x, cb):
 
 # --- floors ---------------------------------------------------------------------------------
 
-def _mm_build(x, cb):
+def _mm_build(inputs, case):
     # The GEMM every search above does, alone: the (N, K) matrix x @ cb.T, no reduction.
+    x, cb = inputs
     cbt = cb.t()
     return lambda: torch.mm(x, cbt)
 
 
 def _mm_reasons(want_device):
-    def reasons(N, K, D, dtype, device):
+    def reasons(case, device):
         if device != want_device:
             return [f"the {want_device} matmul floor runs on {want_device} only"]
-        return _device_reasons(device)
+        return device_reasons(device)
 
     return reasons
 
@@ -269,22 +257,23 @@ PROVIDERS: dict[str, Provider] = {
     "torch": Provider("torch", "reference", "vqkernels chunked PyTorch reference (4096-row tiles)",
                       _ours_build("torch"), _ours_reasons("torch")),
     "taming": Provider("taming", "peer", "taming-transformers: full N x K distance matrix + argmin",
-                       _taming_build, _any_dtype_reasons, nk_matrices=3.0),
+                       _taming_build, _any_dtype_reasons, extra={"nk_matrices": 3.0}),
     "vqtorch": Provider("vqtorch", "peer", "vector-quantize-pytorch: -torch.cdist (fp32) + argmax",
-                        _vqtorch_build, _any_dtype_reasons, nk_matrices=2.0, nk_elem_bytes=4),
+                        _vqtorch_build, _any_dtype_reasons, extra={"nk_matrices": 2.0, "nk_elem_bytes": 4}),
     "faiss": Provider("faiss", "peer", "faiss.IndexFlatL2, add codebook + search k=1 (CPU, fp32)",
                       _faiss_build, _faiss_reasons),
     "torch_mm": Provider("torch_mm", "floor", "bare torch.mm(x, cb.T) on CPU: the GEMM alone",
-                         _mm_build, _mm_reasons("cpu"), nk_matrices=1.0, returns_indices=False),
+                         _mm_build, _mm_reasons("cpu"), checked=False, extra={"nk_matrices": 1.0}),
     "cublas_matmul": Provider("cublas_matmul", "floor", "bare torch.mm(x, cb.T) on CUDA (cuBLAS): the GEMM alone",
-                              _mm_build, _mm_reasons("cuda"), nk_matrices=1.0, returns_indices=False),
+                              _mm_build, _mm_reasons("cuda"), checked=False, extra={"nk_matrices": 1.0}),
 }
 
 
 def nk_bytes(provider: Provider, N: int, K: int, dtype: str) -> int:
-    """Estimated bytes of the (N, K) matrices ``provider`` holds at its peak (0 for the fused ones)."""
-    elem = provider.nk_elem_bytes or torch.empty((), dtype=dtype_of(dtype)).element_size()
-    return int(provider.nk_matrices * N * K * elem)
+    """Estimated bytes of the (N, K) matrices ``provider`` holds at its peak (0 for the fused ones):
+    ``extra["nk_matrices"]`` of them, of ``extra["nk_elem_bytes"]`` (default: the input dtype's size)."""
+    elem = provider.extra.get("nk_elem_bytes") or torch.empty((), dtype=dtype_of(dtype)).element_size()
+    return int(provider.extra.get("nk_matrices", 0.0) * N * K * elem)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,3 +324,88 @@ def correct_fraction(x: torch.Tensor, cb: torch.Tensor, idx: torch.Tensor, ref_i
     tol = 8.0 * ACC_EPS["ieee"] * max(1.0, math.sqrt(D)) * (xn + cmax) ** 2 + 1e-30
     ok = in_range & (d <= d_ref + tol)
     return float(ok.double().mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# The suite
+
+class NearestCodeSuite(Suite):
+    op = OP
+    title = "nearest_code"
+    Size = Size
+    sizes = SIZES
+    dtypes = DTYPES
+    metrics = (Metric("vectors_per_s", "vectors/s", lambda c: float(c.size.N)),
+               Metric("gflops", "GFLOP/s", lambda c: flops(*c.size), 1e9))
+    providers = PROVIDERS
+    cpu_providers = CPU_PROVIDERS
+    cuda_providers = CUDA_PROVIDERS
+    check_columns = ("correct_frac",)
+    reference_provider = "torch"
+
+    def default_cases(self, device, quick=False, large=False):
+        return default_cases(device, quick, large)
+
+    def warmup_case(self, case):
+        N, K, D = case.size
+        return self.with_size(case, N=min(N, 64), K=min(K, 64))
+
+    def make_inputs(self, case, device, seed=0):
+        return make_inputs(*case.size, case.dtype, device, seed)
+
+    def estimate_bytes(self, provider, case):
+        N, K, _ = case.size
+        return nk_bytes(provider, N, K, case.dtype)
+
+    def reference(self, inputs, case):
+        return reference_indices(*inputs)
+
+    def compare(self, inputs, case, answer, ref):
+        return {"correct_frac": correct_fraction(*inputs, answer, ref)}
+
+    def is_correct(self, row):
+        return row.get("correct_frac") is None or row["correct_frac"] >= 0.999
+
+    def progress_line(self, row):
+        if row["status"] != "ok":
+            return f"{row['status']}: {row['reason'][:110]}"
+        return f"{fmt_time(row['time_s'])}, {row['gflops']:.0f} GFLOP/s, {row['peak_mem_mb']:.1f} MB"
+
+    def format_table(self, rows, meta) -> str:
+        """A readable table per case, with the speed-up against the best peer and the floor."""
+        lines = [f"device: {meta['device_name']} ({meta['device']}), {meta['usable_cores']} cores usable; "
+                 f"torch {meta['torch']}, triton {meta['triton']}, faiss {meta['faiss']}; "
+                 f"git {meta['git_sha'][:12]}; {meta['date_utc']}"]
+        hdr = f"  {'provider':<14}{'kind':<10}{'time':>10}{'vectors/s':>12}{'GFLOP/s':>9}{'peak mem':>11}" \
+              f"{'correct':>9}{'vs best peer':>14}"
+        for (t, N, K, D, dt, _), group in group_rows(rows, self.group_key).items():
+            lines += ["", f"N={N} K={K} D={D} {dt}, {t} thread(s)", hdr]
+            for r in group:
+                if r["status"] != "ok":
+                    lines.append(f"  {r['provider']:<14}{r['kind']:<10}{r['status']}: {r['reason'][:95]}")
+                    continue
+                cf = r.get("correct_frac")
+                sp = r.get("speedup_vs_best_peer")
+                lines.append(
+                    f"  {r['provider']:<14}{r['kind']:<10}{fmt_time(r['time_s']):>10}"
+                    f"{r['vectors_per_s'] / 1e6:>10.3g} M{r['gflops']:>9.1f}"
+                    f"{r['peak_mem_mb']:>8.1f} MB{('n/a' if cf is None else f'{cf:.4f}'):>9}"
+                    f"{('-' if sp is None else f'{sp:.3g}x'):>14}")
+            best = self.best_peer(group)
+            floor = next((r for r in group if r["kind"] == "floor" and r["status"] == "ok"), None)
+            for r in group:
+                if r["kind"] not in ("ours", "reference") or r["status"] != "ok":
+                    continue
+                parts = []
+                if best:
+                    parts.append(f"{r['provider']} vs {best['provider']}: {best['time_s'] / r['time_s']:.3g}x")
+                if floor:
+                    parts.append(f"{r['time_s'] / floor['time_s']:.3g}x the time of the bare matmul "
+                                 f"({floor['provider']})")
+                if parts:
+                    lines.append("  -> " + "; ".join(parts))
+        lines += ["", "vs best peer = time of the fastest correct peer / this time (> 1: faster than every peer)."]
+        return "\n".join(lines)
+
+
+SUITE = NearestCodeSuite()

@@ -33,12 +33,11 @@ taming's ImageNet VQGAN (1024 codes of 256), LlamaGen's tokenizer (16384 codes o
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .nearest_code import Case, Provider, Size, _device_reasons, nk_bytes  # noqa: F401  (nk_bytes: the runner's)
+from .nearest_code import Size, device_reasons, nk_bytes
 from .nearest_code import flops as _search_flops
+from .protocol import Case, Metric, NamedSize, Provider, Suite, fmt_mem, fmt_time
 
 OP = "quantizer"
 REFERENCE_PROVIDER = "taming"  # the indices every provider is compared with; its own output feeds the cache
@@ -61,12 +60,13 @@ def dtype_of(name: str) -> torch.dtype:
 
 
 SIZES = {
-    "taming": Size(12288, 1024, 256, "taming-transformers ImageNet VQGAN: 48 images of 16x16 tokens, 1024 codes of 256"),
-    "llamagen": Size(32768, 16384, 8, "LlamaGen tokenizer: 128 images of 16x16 tokens, 16384 codes of 8"),
-    "large": Size(131072, 16384, 32, "large, GPU (taming holds 3 N x K fp32 matrices: 26 GB)"),
+    "taming": NamedSize(Size(12288, 1024, 256),
+                        "taming-transformers ImageNet VQGAN: 48 images of 16x16 tokens, 1024 codes of 256"),
+    "llamagen": NamedSize(Size(32768, 16384, 8), "LlamaGen tokenizer: 128 images of 16x16 tokens, 16384 codes of 8"),
+    "large": NamedSize(Size(131072, 16384, 32), "large, GPU (taming holds 3 N x K fp32 matrices: 26 GB)"),
     # --quick: tiny, one odd shape
-    "quick-a": Size(768, 256, 32, "smoke"),
-    "quick-b": Size(1000, 300, 8, "smoke, odd shape"),
+    "quick-a": NamedSize(Size(768, 256, 32), "smoke"),
+    "quick-b": NamedSize(Size(1000, 300, 8), "smoke, odd shape"),
 }
 
 CPU_PROVIDERS = ("vqkernels", "vqkernels-torch", "taming", "vqtorch", "vqkernels-ema", "vqtorch-ema")
@@ -74,7 +74,7 @@ CUDA_PROVIDERS = CPU_PROVIDERS
 
 
 def default_cases(device: str, quick: bool = False, large: bool = False) -> list[Case]:
-    S = SIZES
+    S = {n: s.size for n, s in SIZES.items()}
     provs = CUDA_PROVIDERS if device == "cuda" else CPU_PROVIDERS
     if quick:
         return [Case(S["quick-a"], "fp32", provs), Case(S["quick-b"], "fp32", provs)]
@@ -153,9 +153,10 @@ def _vq_forward(m, z):
     return q, loss, idx
 
 
-def _taming_build(x, cb):
+def _taming_build(inputs, case):
     from taming.modules.vqvae.quantize import VectorQuantizer2
 
+    x, cb = inputs
     K, D = cb.shape
     m = VectorQuantizer2(K, D, beta=0.25)
     with torch.no_grad():
@@ -164,9 +165,10 @@ def _taming_build(x, cb):
 
 
 def _vqkernels_build(backend):
-    def build(x, cb):
+    def build(inputs, case):
         import vqkernels
 
+        x, cb = inputs
         K, D = cb.shape
         m = vqkernels.VectorQuantizer(K, D, beta=0.25, backend=backend)
         with torch.no_grad():
@@ -177,9 +179,10 @@ def _vqkernels_build(backend):
 
 
 def _vq_module_build(cls_path, **options):
-    def build(x, cb):
+    def build(inputs, case):
         import importlib
 
+        x, cb = inputs
         mod_name, cls_name = cls_path.rsplit(".", 1)
         cls = getattr(importlib.import_module(mod_name), cls_name)
         K, D = cb.shape
@@ -193,18 +196,18 @@ def _vq_module_build(cls_path, **options):
 
 
 def _import_reasons(module: str):
-    def reasons(N, K, D, dtype, device):
+    def reasons(case, device):
         try:
             __import__(module)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 -- a peer not installed: its rows are skipped with this reason
             return [f"{module} is not importable ({type(e).__name__}: {e})"]
-        return _device_reasons(device)
+        return device_reasons(device)
 
     return reasons
 
 
-def _ours_reasons(N, K, D, dtype, device):
-    return _device_reasons(device)
+def _ours_reasons(case, device):
+    return device_reasons(device)
 
 
 VQTORCH_LEARNABLE = dict(learnable_codebook=True, ema_update=False, rotation_trick=False, commitment_weight=0.25)
@@ -219,19 +222,19 @@ PROVIDERS: dict[str, Provider] = {
         _vqkernels_build("torch"), _ours_reasons),
     "taming": Provider(
         "taming", "peer", "taming VectorQuantizer2(K, D, beta=0.25): full N x K distances + argmin",
-        _taming_build, _import_reasons("taming.modules.vqvae.quantize"), nk_matrices=3.0),
+        _taming_build, _import_reasons("taming.modules.vqvae.quantize"), extra={"nk_matrices": 3.0}),
     "vqtorch": Provider(
         "vqtorch", "peer", "vector-quantize-pytorch VectorQuantize, learnable codebook (ema_update=False), "
         "straight-through, commitment 0.25", _vq_module_build("vector_quantize_pytorch.VectorQuantize",
                                                              **VQTORCH_LEARNABLE),
-        _import_reasons("vector_quantize_pytorch"), nk_matrices=6.0, nk_elem_bytes=4),
+        _import_reasons("vector_quantize_pytorch"), extra={"nk_matrices": 6.0, "nk_elem_bytes": 4}),
     "vqkernels-ema": Provider(
         "vqkernels-ema", "ours", "vqkernels.VectorQuantize(dim=D, codebook_size=K, decay=0.99, rotation_trick=False): "
         "EMA codebook", _vq_module_build("vqkernels.VectorQuantize", **EMA), _ours_reasons),
     "vqtorch-ema": Provider(
         "vqtorch-ema", "peer", "vector-quantize-pytorch VectorQuantize(decay=0.99, rotation_trick=False): "
         "EMA codebook (one-hot statistics)", _vq_module_build("vector_quantize_pytorch.VectorQuantize", **EMA),
-        _import_reasons("vector_quantize_pytorch"), nk_matrices=6.0, nk_elem_bytes=4),
+        _import_reasons("vector_quantize_pytorch"), extra={"nk_matrices": 6.0, "nk_elem_bytes": 4}),
 }
 
 
@@ -250,11 +253,10 @@ def reference_indices(x: torch.Tensor, cb: torch.Tensor, rows: int = 4096) -> to
     return out
 
 
-def check_call(prov: Provider, x, cb, fn, out):
+def check_call(prov: Provider, inputs, case):
     """The step on the initial codebook (a fresh module: the EMA variants moved theirs while being timed):
     (indices (N,), {"loss": value})."""
-    del fn, out
-    idx, loss = prov.build(x, cb)()
+    idx, loss = prov.build(inputs, case)()
     return idx, {"loss": float(loss)}
 
 
@@ -269,17 +271,6 @@ def correct_fraction(x, cb, idx, ref_idx) -> float:
 # ---------------------------------------------------------------------------------------------
 # Ratios, CSV columns, table
 
-CSV_COLUMNS = [
-    "op", "case", "N", "K", "D", "dtype", "provider", "kind", "device", "threads",
-    "status", "reason", "time_s", "time_min_s", "time_max_s", "repeats", "warmup",
-    "tokens_per_s", "peak_mem_bytes", "peak_mem_mb", "mem_method", "index_match_vs_taming", "loss",
-    "loss_twin", "loss_rel_diff",
-] + [f"speedup_vs_{p}" for p in PEERS] + [f"mem_frac_of_{p}" for p in PEERS] + [
-    "date_utc", "device_name", "cpu_model", "cores", "git_sha", "python", "torch", "triton", "faiss",
-    "vqkernels", "isolation",
-]
-
-
 def add_ratios(rows) -> None:
     """Per row: tokens/s, the speed-up vs each peer (peer time / this time) and this peak memory as a
     fraction of the peer's, and the loss vs its twin's."""
@@ -289,8 +280,6 @@ def add_ratios(rows) -> None:
     for group in groups.values():
         for r in group.values():
             ok = r["status"] == "ok"
-            r["tokens_per_s"] = r.get("vectors_per_s")
-            r["index_match_vs_taming"] = r.get("correct_frac")
             for p in PEERS:
                 peer = group.get(p)
                 both = ok and peer is not None and peer["status"] == "ok"
@@ -301,22 +290,6 @@ def add_ratios(rows) -> None:
             if ok and twin is not None and twin.get("loss") is not None and r.get("loss") is not None:
                 r["loss_twin"] = twin["provider"]
                 r["loss_rel_diff"] = abs(r["loss"] - twin["loss"]) / max(abs(twin["loss"]), 1e-30)
-
-
-def progress_line(r) -> str:
-    if r["status"] != "ok":
-        return f"{r['status']}: {r['reason'][:110]}"
-    return f"{_fmt_time(r['time_s'])}, {r['vectors_per_s'] / 1e6:.3g} M tokens/s, {r['peak_mem_mb']:.1f} MB"
-
-
-def _fmt_time(t):
-    if t is None or (isinstance(t, float) and math.isnan(t)):
-        return "-"
-    return f"{t * 1e3:.3g} ms" if t < 1 else f"{t:.3g} s"
-
-
-def _fmt_mem(b):
-    return "-" if b is None else (f"{b / 2**20:.1f} MB" if b < 2**30 else f"{b / 2**30:.2f} GB")
 
 
 def format_table(rows, meta) -> str:
@@ -333,11 +306,11 @@ def format_table(rows, meta) -> str:
             if r["status"] != "ok":
                 lines.append(f"  {r['provider']:<16}{r['kind']:<10}{r['status']}: {r['reason'][:100]}")
                 continue
-            cf = r.get("correct_frac")
+            cf = r.get("index_match_vs_taming")
             sp = [r.get(f"speedup_vs_{p}") for p in PEERS]
             lines.append(
-                f"  {r['provider']:<16}{r['kind']:<10}{_fmt_time(r['time_s']):>10}"
-                f"{r['vectors_per_s'] / 1e6:>9.3g} M{_fmt_mem(r['peak_mem_bytes']):>11}"
+                f"  {r['provider']:<16}{r['kind']:<10}{fmt_time(r['time_s']):>10}"
+                f"{r['tokens_per_s'] / 1e6:>9.3g} M{fmt_mem(r['peak_mem_bytes']):>11}"
                 f"{('n/a' if cf is None else f'{cf:.4f}'):>11}"
                 f"{('-' if r.get('loss') is None else format(r['loss'], '.4g')):>10}"
                 + "".join(f"{('-' if s is None else f'{s:.3g}x'):>15}" for s in sp))
@@ -347,7 +320,7 @@ def format_table(rows, meta) -> str:
             if a and b and a["status"] == "ok" and b["status"] == "ok":
                 frac = a.get(f"mem_frac_of_{peer}")
                 lines.append(f"  -> {ours} vs {peer}: {b['time_s'] / a['time_s']:.3g}x faster, peak memory "
-                             f"{_fmt_mem(a['peak_mem_bytes'])} vs {_fmt_mem(b['peak_mem_bytes'])}"
+                             f"{fmt_mem(a['peak_mem_bytes'])} vs {fmt_mem(b['peak_mem_bytes'])}"
                              + ("" if frac is None else f" ({frac:.3g} of it)"))
             if a and a["status"] == "ok" and a.get("loss_rel_diff") is not None and peer == TWINS.get(ours):
                 lines.append(f"     loss {a['loss']:.6g} vs {peer}'s {b['loss']:.6g} "
@@ -355,3 +328,58 @@ def format_table(rows, meta) -> str:
     lines += ["", "vs PEER = PEER's time / this time (> 1: faster). idx=taming: fraction of indices equal to taming's "
               "on the same codebook and input."]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# The suite
+
+class QuantizerSuite(Suite):
+    op = OP
+    title = "quantizer training step"
+    Size = Size
+    sizes = SIZES
+    dtypes = DTYPES
+    metrics = (Metric("tokens_per_s", "tokens/s", lambda c: float(c.size.N)),)
+    providers = PROVIDERS
+    cpu_providers = CPU_PROVIDERS
+    cuda_providers = CUDA_PROVIDERS
+    check_columns = ("index_match_vs_taming", "loss", "loss_twin", "loss_rel_diff")
+    ratio_columns = tuple(f"speedup_vs_{p}" for p in PEERS) + tuple(f"mem_frac_of_{p}" for p in PEERS)
+    reference_provider = REFERENCE_PROVIDER
+
+    def default_cases(self, device, quick=False, large=False):
+        return default_cases(device, quick, large)
+
+    def warmup_case(self, case):
+        N, K, D = case.size
+        return self.with_size(case, N=min(N, 64), K=min(K, 64))
+
+    def make_inputs(self, case, device, seed=0):
+        return make_inputs(*case.size, case.dtype, device, seed)
+
+    def estimate_bytes(self, provider, case):
+        N, K, _ = case.size
+        return nk_bytes(provider, N, K, case.dtype)
+
+    def reference(self, inputs, case):
+        return reference_indices(*inputs)
+
+    def answer(self, provider, inputs, case, fn, out):
+        return check_call(provider, inputs, case)
+
+    def compare(self, inputs, case, answer, ref):
+        return {"index_match_vs_taming": correct_fraction(*inputs, answer, ref)}
+
+    def add_ratios(self, rows):
+        add_ratios(rows)
+
+    def progress_line(self, r):
+        if r["status"] != "ok":
+            return f"{r['status']}: {r['reason'][:110]}"
+        return f"{fmt_time(r['time_s'])}, {r['tokens_per_s'] / 1e6:.3g} M tokens/s, {r['peak_mem_mb']:.1f} MB"
+
+    def format_table(self, rows, meta):
+        return format_table(rows, meta)
+
+
+SUITE = QuantizerSuite()

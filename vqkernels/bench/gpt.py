@@ -1,0 +1,279 @@
+"""Providers and sizes for benchmarking the GPT over code indices: sampling and a training step.
+
+A size is (batch, tokens, n_layer, n_head, n_embd, vocab): ``tokens`` is the number sampled per sequence (a
+16x16 code grid: 256) or the training sequence length. Modes:
+
+    sample   from a one-token prompt (a start-of-sequence token, as taming's SOSProvider), ``tokens`` new tokens
+             per sequence, top-k 100 sampling; block_size = tokens
+    train    forward + backward of the language-model loss on (batch, tokens) ids (no optimizer step)
+
+Providers:
+    vqkernels     ours: vqkernels.models.GPT.generate (prefill, then one cached step per token through
+                  attention_with_kv_cache); train: GPT forward + backward
+    taming        taming.modules.transformer.mingpt.sample (recomputes the whole prefix every step); train:
+                  minGPT's GPT forward + backward (explicit-mask attention)
+    taming-past   taming's mingpt.sample_with_past (its KV cache: torch.cat of the past every step)
+    hf-gpt2       Hugging Face transformers' GPT2LMHeadModel.generate with its KV cache (do_sample, top_k 100), the
+                  same size; train: its forward + backward. transformers runs in its own process (taming's
+                  stand-in for it cannot share one): from the environment when it is importable, else from
+                  ``$VQKERNELS_BENCH_HF_PATH`` or ``<venv>/hf-packages`` (``make bench`` installs it there)
+
+Ours and taming's get the same weights (ours built, loaded into minGPT's: the state_dict keys are the same);
+GPT-2 is the same size with its own random init (its MLP uses the tanh GELU; otherwise the same blocks).
+Metric: tokens/s (batch * tokens / time).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from .nearest_code import device_reasons
+from .protocol import Case, Metric, NamedSize, Provider, Suite
+from .vqgan import standins_path, taming_reasons
+
+OP = "gpt"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MODES = ("sample", "train")
+TOP_K = 100  # (at most the vocabulary)
+
+
+class Size(NamedTuple):
+    batch: int
+    tokens: int
+    n_layer: int
+    n_head: int
+    n_embd: int
+    vocab: int
+
+
+SIZES = {
+    "cpu": NamedSize(Size(8, 256, 8, 8, 512, 1024), "16x16 codes, a GPT of 8 layers, 8 heads, width 512, 1024 codes"),
+    "imagenet": NamedSize(Size(8, 256, 24, 16, 1536, 16384), "GPU: taming's ImageNet transformer size"),
+    "quick": NamedSize(Size(2, 12, 2, 2, 32, 64), "smoke"),
+}
+SAMPLE_PROVIDERS = ("vqkernels", "taming", "taming-past", "hf-gpt2")
+TRAIN_PROVIDERS = ("vqkernels", "taming", "hf-gpt2")
+
+
+def default_cases(device: str, quick: bool = False, large: bool = False) -> list[Case]:
+    S = {n: s.size for n, s in SIZES.items()}
+    if quick:
+        return [Case(S["quick"], "fp32", SAMPLE_PROVIDERS, "sample"), Case(S["quick"], "fp32", TRAIN_PROVIDERS, "train")]
+    cases = [Case(S["cpu"], "fp32", SAMPLE_PROVIDERS, "sample"), Case(S["cpu"], "fp32", TRAIN_PROVIDERS, "train")]
+    if device == "cuda":
+        cases += [Case(S["cpu"], "bf16", SAMPLE_PROVIDERS, "sample"), Case(S["cpu"], "bf16", TRAIN_PROVIDERS, "train")]
+        cases += [Case(S["imagenet"], d, ("vqkernels", "taming-past", "hf-gpt2"), "sample") for d in DTYPES]
+        cases += [Case(S["imagenet"], d, TRAIN_PROVIDERS, "train") for d in DTYPES]
+    return cases
+
+
+class Inputs(NamedTuple):
+    idx: torch.Tensor  # sample: (B, 1) the start token; train: (B, T) ids
+    targets: torch.Tensor | None  # train: (B, T)
+    seed: int
+
+
+def make_inputs(case: Case, device: str, seed: int = 0) -> Inputs:
+    s = case.size
+    g = torch.Generator().manual_seed(seed)
+    if case.mode == "sample":
+        return Inputs(torch.zeros(s.batch, 1, dtype=torch.int64, device=device), None, seed)
+    ids = torch.randint(0, s.vocab, (s.batch, s.tokens + 1), generator=g).to(device)
+    return Inputs(ids[:, :-1].contiguous(), ids[:, 1:].contiguous(), seed)
+
+
+def _ours(case: Case, device: str):
+    from ..models.gpt import GPT, GPTConfig
+
+    s = case.size
+    torch.manual_seed(1234)
+    return GPT(GPTConfig(vocab_size=s.vocab, block_size=s.tokens, n_layer=s.n_layer, n_head=s.n_head,
+                         n_embd=s.n_embd)).to(device)
+
+
+def _taming(case: Case, device: str):
+    import _taming_standins as standins  # benchmarks/, on this process's path (Provider.child_path)
+
+    standins.install(transformers=True)
+    from taming.modules.transformer.mingpt import GPT as MinGPT
+
+    s = case.size
+    ours = _ours(case, "cpu")
+    model = MinGPT(vocab_size=s.vocab, block_size=s.tokens, n_layer=s.n_layer, n_head=s.n_head, n_embd=s.n_embd)
+    missing, unexpected = model.load_state_dict(ours.state_dict(), strict=False)
+    if unexpected or [k for k in missing if not k.endswith("attn.mask")]:
+        raise RuntimeError(f"minGPT did not take our weights: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.to(device)
+
+
+def _hf(case: Case, device: str):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    s = case.size
+    torch.manual_seed(1234)
+    cfg = GPT2Config(vocab_size=s.vocab, n_positions=s.tokens + 1, n_embd=s.n_embd, n_layer=s.n_layer,
+                     n_head=s.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
+                     eos_token_id=None, pad_token_id=0)
+    return GPT2LMHeadModel(cfg).to(device)
+
+
+def _dtype_ctx(case: Case, device: str):
+    import contextlib
+
+    if case.dtype == "bf16":
+        return torch.autocast(device_type=device, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _build(which: str):
+    def build(inp: Inputs, case: Case):
+        device = inp.idx.device.type
+        model = {"vqkernels": _ours, "taming": _taming, "taming-past": _taming, "hf-gpt2": _hf}[which](case, device)
+        T = case.size.tokens
+        top_k = min(TOP_K, case.size.vocab)
+        if case.mode == "train":
+            model.train()
+
+            def step():
+                for p in model.parameters():
+                    p.grad = None
+                with _dtype_ctx(case, device):
+                    if which == "hf-gpt2":
+                        logits = model(input_ids=inp.idx).logits
+                        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(),
+                                                                 inp.targets.reshape(-1))
+                    else:
+                        _, loss = model(inp.idx, targets=inp.targets)  # ours and minGPT: (logits, loss)
+                loss.backward()
+                return loss.detach()
+
+            return step
+        model.eval()
+        if case.dtype == "bf16":
+            model = model.to(torch.bfloat16)
+        gen = torch.Generator(device=device).manual_seed(inp.seed)
+        if which == "vqkernels":
+            def call():
+                with torch.no_grad():
+                    return model.generate(inp.idx, T, top_k=top_k, generator=gen)
+        elif which == "taming":
+            from taming.modules.transformer.mingpt import sample
+
+            def call():
+                with torch.no_grad():
+                    return sample(model, inp.idx, T, sample=True, top_k=top_k)
+        elif which == "taming-past":
+            from taming.modules.transformer.mingpt import sample_with_past
+
+            def call():
+                with torch.no_grad():
+                    return sample_with_past(inp.idx, model, T, sample_logits=True, top_k=top_k)
+        else:
+            from transformers import GenerationConfig
+
+            gc = GenerationConfig(do_sample=True, top_k=top_k, max_new_tokens=T, min_new_tokens=T, use_cache=True,
+                                  pad_token_id=0, bos_token_id=0, eos_token_id=None)
+            mask = torch.ones_like(inp.idx)
+
+            def call():
+                with torch.no_grad():
+                    return model.generate(inp.idx, attention_mask=mask, generation_config=gc)
+        return call
+
+    return build
+
+
+def _ours_reasons(case: Case, device: str):
+    r = device_reasons(device)
+    if r:
+        return r
+    try:
+        from ..models import gpt  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        return [f"vqkernels.models.gpt is not importable ({type(e).__name__}: {e})"]
+    return []
+
+
+def _taming_reasons(modes):
+    def reasons(case: Case, device: str):
+        if case.mode not in modes:
+            return [f"no {case.mode} mode (see 'taming')"]
+        return taming_reasons(case, device)
+
+    return reasons
+
+
+def hf_path() -> list[str]:
+    """Where transformers comes from for the hf-gpt2 process: [] when this environment has it."""
+    mod = sys.modules.get("transformers")
+    if mod is not None and hasattr(mod, "__version__"):
+        return []
+    try:
+        if mod is None and importlib.util.find_spec("transformers") is not None:
+            return []
+    except (ImportError, ValueError):  # a broken or stand-in module
+        pass
+    env = os.environ.get("VQKERNELS_BENCH_HF_PATH")
+    return [env] if env else [str(Path(sys.prefix) / "hf-packages")]
+
+
+def _hf_reasons(case: Case, device: str):
+    r = device_reasons(device)
+    if r:
+        return r
+    paths = hf_path()
+    if paths and not (Path(paths[0]) / "transformers" / "__init__.py").is_file():
+        return [f"transformers is not installed here nor in {paths[0]} (make bench installs it there; or set "
+                f"VQKERNELS_BENCH_HF_PATH to a folder holding it)"]
+    return []
+
+
+PROVIDERS = {
+    "vqkernels": Provider("vqkernels", "ours", "vqkernels.models.GPT: generate (KV cache) / forward + backward",
+                          _build("vqkernels"), _ours_reasons),
+    "taming": Provider("taming", "peer", "taming's minGPT: mingpt.sample (recomputes the prefix) / forward + backward",
+                       _build("taming"), _taming_reasons(MODES), isolated=True, child_path=standins_path),
+    "taming-past": Provider("taming-past", "peer", "taming's mingpt.sample_with_past (torch.cat KV cache)",
+                            _build("taming-past"), _taming_reasons(("sample",)), isolated=True,
+                            child_path=standins_path),
+    "hf-gpt2": Provider("hf-gpt2", "peer", "Hugging Face transformers GPT2LMHeadModel.generate (KV cache) / forward + "
+                        "backward, the same size", _build("hf-gpt2"), _hf_reasons, isolated=True, child_path=hf_path,
+                        extra={"needs_real_module": "transformers"}),
+}
+
+
+class GPTSuite(Suite):
+    op = OP
+    title = "GPT over codes (sample: top-k 100 from one start token; train: forward + backward)"
+    Size = Size
+    sizes = SIZES
+    dtypes = DTYPES
+    modes = MODES
+    metrics = (Metric("tokens_per_s", "tokens/s", lambda c: float(c.size.batch * c.size.tokens)),)
+    providers = PROVIDERS
+    cpu_providers = SAMPLE_PROVIDERS
+    cuda_providers = SAMPLE_PROVIDERS
+
+    def label(self, size):
+        return f"b{size.batch} T{size.tokens} L{size.n_layer} H{size.n_head} C{size.n_embd} V{size.vocab}"
+
+    def default_cases(self, device, quick=False, large=False):
+        return default_cases(device, quick, large)
+
+    def cases_for(self, sizes, dtypes, device):
+        return ([Case(s, d, SAMPLE_PROVIDERS, "sample") for s in sizes for d in dtypes]
+                + [Case(s, d, TRAIN_PROVIDERS, "train") for s in sizes for d in dtypes])
+
+    def warmup_case(self, case):
+        return self.with_size(case, batch=1, tokens=min(case.size.tokens, 4))
+
+    def make_inputs(self, case, device, seed=0):
+        return make_inputs(case, device, seed)
+
+
+SUITE = GPTSuite()
