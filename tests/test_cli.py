@@ -1,0 +1,405 @@
+"""The `vqkernels` command end to end on tiny settings (a few steps, 32x32 crops), and every bad input the
+issue lists: one line on stderr, a non-zero exit, no traceback, nothing overwritten."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vqkernels import cli
+from vqkernels import train as T
+
+pytest.importorskip("vqkernels.models.two_stage")
+yaml = pytest.importorskip("yaml")
+
+TINY_YAML = """\
+crop_size: 32
+batch_size: 4
+lr: 0.002
+num_workers: 0
+log_every: 1
+image_every: 2
+checkpoint_every: 2
+model: {ch: 32, ch_mult: [1, 2], num_res_blocks: 1, z_channels: 8, embed_dim: 8, n_embed: 32, decay: 0.9,
+        threshold_ema_dead_code: 1.0}
+loss: {perceptual_weight: 0.0, disc_start: 1, disc_ndf: 8, disc_num_layers: 1}
+"""
+TINY_GPT_YAML = """\
+crop_size: 32
+batch_size: 4
+num_workers: 0
+log_every: 1
+image_every: 3
+model: {n_layer: 1, n_head: 2, n_embd: 32}
+"""
+
+
+def _images(root, n=8, size=(40, 44), seed=0, classes=None):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        low = rng.integers(0, 256, (5, 6, 3), dtype=np.uint8)
+        sub = root / classes[i % len(classes)] if classes else root
+        sub.mkdir(exist_ok=True)
+        Image.fromarray(low).resize(size[::-1], Image.BICUBIC).save(sub / f"img{i}.png")
+    return root
+
+
+def run(capsys, *argv):
+    """main(argv) -> (exit status, stdout, stderr); SystemExit (argparse) counts as a return."""
+    try:
+        rc = cli.main([str(a) for a in argv])
+    except SystemExit as e:
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def assert_one_line_error(rc, err, *needles):
+    assert rc not in (0, None), err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A tiny image folder, a 3-step VQGAN run and a 3-step GPT run over it, made through the CLI."""
+    root = tmp_path_factory.mktemp("cli")
+    data = _images(root / "data", classes=["cats", "dogs"])
+    (root / "tiny.yaml").write_text(TINY_YAML)
+    (root / "gpt.yaml").write_text(TINY_GPT_YAML)
+    torch.manual_seed(0)
+    assert cli.main(["train-vqgan", "--config", str(root / "tiny.yaml"), "--data", str(data), "--out",
+                     str(root / "vq"), "--steps", "3", "--device", "cpu", "--quiet"]) == 0
+    assert cli.main(["train-gpt", "--config", str(root / "gpt.yaml"), "--vqgan", str(root / "vq"), "--data",
+                     str(data), "--out", str(root / "gpt"), "--steps", "3", "--device", "cpu", "--conditional",
+                     "--quiet"]) == 0
+    return root
+
+
+# -- what works ---------------------------------------------------------------------------------
+
+def test_train_vqgan_writes_a_run(env):
+    vq = env / "vq"
+    assert (vq / "latest").read_text().strip() == "checkpoints/step_00000003"
+    ck = T.checkpoint_dir(vq)
+    assert {"config.json", "model.safetensors", "discriminator.safetensors", "trainer.pt",
+            "train_config.json"} <= {p.name for p in ck.iterdir()}
+    log = [json.loads(line) for line in (vq / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert all(r["images_per_s"] > 0 and np.isfinite(r["rec_loss"]) for r in log)
+    assert (vq / "images" / "step_00000002.png").is_file() and (vq / "images" / "step_00000003.png").is_file()
+    cfg = json.loads((vq / "train_config.json").read_text())
+    assert cfg["kind"] == "vqgan" and cfg["steps"] == 3 and cfg["lr"] == 0.002  # flags and YAML merged
+    state = torch.load(ck / "trainer.pt", weights_only=True)  # tensors and plain values only
+    assert state["step"] == 3 and {"torch", "numpy", "python"} <= set(state["rng"][0])
+
+
+def test_flags_win_over_yaml(env, capsys, tmp_path):
+    rc, out, err = run(capsys, "train-vqgan", "--config", env / "tiny.yaml", "--data", env / "data", "--out",
+                       tmp_path / "r", "--steps", "1", "--lr", "0.0005", "--batch-size", "2", "--device", "cpu",
+                       "--quiet")
+    assert rc == 0, err
+    cfg = json.loads((tmp_path / "r" / "train_config.json").read_text())
+    assert cfg["lr"] == 0.0005 and cfg["batch_size"] == 2 and cfg["crop_size"] == 32
+    assert "1 steps" in out
+
+
+def test_reconstruct_any_size(env, capsys, tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    odd = tmp_path / "odd.png"
+    Image.fromarray(rng.integers(0, 256, (37, 29, 3), dtype=np.uint8)).save(odd)
+    gray = tmp_path / "gray.jpg"
+    Image.fromarray(rng.integers(0, 256, (16, 20), dtype=np.uint8)).save(gray)
+    rc, out, err = run(capsys, "reconstruct", "--checkpoint", env / "vq", "--out", tmp_path / "rec", "--device",
+                       "cpu", odd, gray)
+    assert rc == 0, err
+    assert Image.open(tmp_path / "rec" / "odd.png").size == (29, 37)
+    assert Image.open(tmp_path / "rec" / "gray.png").size == (20, 16)
+    assert "odd.png: PSNR" in out and "gray.jpg: PSNR" in out and "dB" in out
+
+
+def test_encode_decode_round_trip(env, capsys, tmp_path):
+    from PIL import Image
+
+    from vqkernels.data import load_image
+
+    img = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(6).integers(0, 256, (24, 32, 3), dtype=np.uint8)).save(img)
+    rc, _, err = run(capsys, "encode", "--checkpoint", env / "vq", "--out", tmp_path / "codes", "--device", "cpu", img)
+    assert rc == 0, err
+    codes = np.load(tmp_path / "codes" / "a.npy")
+    assert codes.shape == (12, 16) and codes.dtype == np.int64 and 0 <= codes.min() and codes.max() < 32
+    rc, _, err = run(capsys, "decode", "--checkpoint", env / "vq", "--out", tmp_path / "dec", "--device", "cpu",
+                     tmp_path / "codes" / "a.npy")
+    assert rc == 0, err
+    # decode(encode(x)) is the reconstruction of x
+    model = T.load_model(env / "vq", "vqgan")
+    with torch.no_grad():
+        expect = model(load_image(img)[None])[0][0].clamp(-1, 1)
+    got = load_image(tmp_path / "dec" / "a.png")
+    assert (got - expect).abs().max() <= 2 / 255 + 1e-6  # PNG rounding
+
+
+def test_train_gpt_and_sample(env, capsys, tmp_path):
+    gpt = env / "gpt"
+    assert json.loads((gpt / "classes.json").read_text()) == ["cats", "dogs"]
+    log = [json.loads(line) for line in (gpt / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3]
+    rc, out, err = run(capsys, "sample", "--checkpoint", gpt, "--n", "3", "--class-label", "1", "--out",
+                       tmp_path / "s", "--device", "cpu")
+    assert rc == 0, err
+    from PIL import Image
+
+    assert Image.open(tmp_path / "s" / "sample_002.png").size == (32, 32)
+    assert (tmp_path / "s" / "samples.png").is_file()
+    assert "class 1 (dogs)" in out and "tokens/s" in out
+
+
+def test_python_dash_m_entry_point(env, tmp_path):
+    p = subprocess.run([sys.executable, "-m", "vqkernels", "reconstruct", "--checkpoint", str(env / "gpt"),
+                        "--out", str(tmp_path), str(env / "data" / "cats" / "img0.png")],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2
+    assert_one_line_error(p.returncode, p.stderr, "GPT checkpoint", "VQGAN")
+
+
+# -- bad input: one line, non-zero, no traceback, nothing written ---------------------------------
+
+def _train_args(env, tmp_path, *extra):
+    return ["train-vqgan", "--config", env / "tiny.yaml", "--data", env / "data", "--out", tmp_path / "run",
+            "--steps", "1", "--device", "cpu", "--quiet", *extra]
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "no_readable"])
+def test_bad_data_folders(env, capsys, tmp_path, case):
+    data = tmp_path / "d"
+    if case != "missing":
+        data.mkdir()
+    if case == "no_readable":
+        (data / "x.png").write_bytes(b"\x89PNG broken")
+        (data / "y.jpg").write_bytes(b"")
+    args = _train_args(env, tmp_path)
+    args[args.index("--data") + 1] = data
+    rc, _, err = run(capsys, *args)
+    need = {"missing": "does not exist", "empty": "holds no image", "no_readable": "no readable image"}[case]
+    assert_one_line_error(rc, err, need, str(data))
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_corrupt_image_among_good_ones_is_skipped_and_counted(env, capsys, tmp_path):
+    import shutil
+
+    data = tmp_path / "d"
+    shutil.copytree(env / "data", data)
+    (data / "cats" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    args = _train_args(env, tmp_path)
+    args[args.index("--data") + 1] = data
+    rc, out, err = run(capsys, *args)
+    assert rc == 0, err
+    warn = [line for line in err.splitlines() if "warning" in line]
+    assert len(warn) == 1 and "skipped 1 unreadable" in warn[0]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--steps", "0"], "--steps: must be a positive integer"),
+    (["--steps", "-3"], "--steps: must be a positive integer"),
+    (["--batch-size", "0"], "--batch-size: must be a positive integer"),
+    (["--lr", "0"], "--lr: must be a positive number"),
+    (["--lr=-1e-4"], "--lr: must be a positive number"),
+    (["--lr", "abc"], "--lr: expected a positive number"),
+    (["--precision", "fp8"], "--precision: invalid choice"),
+    (["--resume", "--overwrite"], "not allowed with argument"),
+])
+def test_bad_flags(env, capsys, tmp_path, argv, needle):
+    rc, _, err = run(capsys, *_train_args(env, tmp_path, *argv))
+    assert rc == 2
+    assert_one_line_error(rc, err, needle)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("crop_size: [32\nlr: 1", "not valid YAML at line"),
+    ("crop_size: 32\nlearning_rate: 0.1\n", "unknown key(s) learning_rate"),
+    ("steps: ten\n", "steps must be an integer, got 'ten'"),
+    ("lr: [1, 2]\n", "lr must be a number"),
+    ("compile: 3\n", "compile must be true or false"),
+    ("- a\n- b\n", "expected a mapping"),
+    ("lr: 0\n", "lr must be a positive number"),
+    ("batch_size: -2\n", "batch_size must be a positive integer"),
+    ("model: {ch: 32, bogus_field: 1}\n", "bogus_field"),
+])
+def test_bad_yaml(env, capsys, tmp_path, text, needle):
+    y = tmp_path / "bad.yaml"
+    y.write_text(text)
+    # tiny settings, except for the key under test (a flag would win over the YAML)
+    flags = ([] if "steps" in text else ["--steps", "1"]) + ([] if "batch_size" in text else ["--batch-size", "2"])
+    rc, _, err = run(capsys, "train-vqgan", "--config", y, "--data", env / "data", "--out", tmp_path / "run",
+                     *flags, "--device", "cpu", "--quiet")
+    assert_one_line_error(rc, err, needle)
+    assert not (tmp_path / "run").exists() or not T.has_run(tmp_path / "run")
+
+
+def test_resume_without_a_checkpoint(env, capsys, tmp_path):
+    rc, _, err = run(capsys, *_train_args(env, tmp_path, "--resume"))
+    assert_one_line_error(rc, err, "--resume", "does not exist")
+    (tmp_path / "run").mkdir()
+    rc, _, err = run(capsys, *_train_args(env, tmp_path, "--resume"))
+    assert_one_line_error(rc, err, "--resume", "holds no checkpoint")
+
+
+def test_existing_run_needs_resume_or_overwrite(env, capsys, tmp_path):
+    import shutil
+
+    shutil.copytree(env / "vq", tmp_path / "run")
+    before = snapshot(tmp_path / "run")
+    rc, _, err = run(capsys, *_train_args(env, tmp_path))
+    assert_one_line_error(rc, err, "already holds a run", "--resume", "--overwrite")
+    assert snapshot(tmp_path / "run") == before
+    rc, _, err = run(capsys, *_train_args(env, tmp_path, "--overwrite"))
+    assert rc == 0, err
+    assert (tmp_path / "run" / "latest").read_text().strip() == "checkpoints/step_00000001"
+
+
+def test_resume_refuses_a_config_mismatch_and_continues_otherwise(env, capsys, tmp_path):
+    import shutil
+
+    shutil.copytree(env / "vq", tmp_path / "run")
+    before = snapshot(tmp_path / "run")
+    rc, _, err = run(capsys, "train-vqgan", "--out", tmp_path / "run", "--resume", "--lr", "0.01", "--steps", "4",
+                     "--quiet")
+    assert_one_line_error(rc, err, "does not match", "lr=0.01", "0.002")
+    assert snapshot(tmp_path / "run") == before
+    rc, out, err = run(capsys, "train-vqgan", "--out", tmp_path / "run", "--resume", "--steps", "4", "--quiet")
+    assert rc == 0, err
+    assert "4 steps" in out and T.checkpoint_dir(tmp_path / "run").name == "step_00000004"
+
+
+def test_wrong_kind_of_checkpoint(env, capsys, tmp_path):
+    img = env / "data" / "cats" / "img0.png"
+    rc, _, err = run(capsys, "reconstruct", "--checkpoint", env / "gpt", "--out", tmp_path / "o", img)
+    assert_one_line_error(rc, err, "is a GPT checkpoint", "needs a VQGAN")
+    assert not (tmp_path / "o").exists()
+    rc, _, err = run(capsys, "sample", "--checkpoint", env / "vq", "--out", tmp_path / "o")
+    assert_one_line_error(rc, err, "is a VQGAN checkpoint", "needs a GPT")
+    rc, _, err = run(capsys, "train-vqgan", "--out", env / "gpt", "--resume", "--quiet")
+    assert_one_line_error(rc, err, "holds a gpt run, not a vqgan run")
+
+
+@pytest.mark.parametrize("what", ["model.safetensors", "trainer.pt", "config.json"])
+def test_truncated_or_corrupt_checkpoint(env, capsys, tmp_path, what):
+    import shutil
+
+    shutil.copytree(env / "vq", tmp_path / "run")
+    f = T.checkpoint_dir(tmp_path / "run") / what
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    before = snapshot(tmp_path / "run")
+    img = env / "data" / "cats" / "img0.png"
+    if what == "trainer.pt":
+        rc, _, err = run(capsys, "train-vqgan", "--out", tmp_path / "run", "--resume", "--steps", "5", "--quiet")
+    else:
+        rc, _, err = run(capsys, "reconstruct", "--checkpoint", tmp_path / "run", "--out", tmp_path / "o", img)
+    assert_one_line_error(rc, err, str(f.parent))
+    assert "truncated or corrupt" in err or "cannot be" in err
+    assert snapshot(tmp_path / "run") == before
+
+
+def test_checkpoint_weights_not_matching_their_config(env, capsys, tmp_path):
+    import shutil
+
+    shutil.copytree(env / "vq", tmp_path / "run")
+    cfg_file = T.checkpoint_dir(tmp_path / "run") / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["n_embed"] = 64
+    cfg_file.write_text(json.dumps(cfg))
+    rc, _, err = run(capsys, "reconstruct", "--checkpoint", tmp_path / "run", "--out", tmp_path / "o",
+                     env / "data" / "cats" / "img0.png")
+    assert_one_line_error(rc, err, "cannot be loaded", "quantize.embedding.weight")
+
+
+def test_unwritable_output_folder(env, capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    args = _train_args(env, tmp_path)
+    args[args.index("--out") + 1] = blocker / "sub"
+    rc, _, err = run(capsys, *args)
+    assert_one_line_error(rc, err, "cannot write there")
+    rc, _, err = run(capsys, "reconstruct", "--checkpoint", env / "vq", "--out", blocker,
+                     env / "data" / "cats" / "img0.png")
+    assert_one_line_error(rc, err, "is a file, not a folder")
+    assert blocker.read_text() == "x"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_cuda(env, capsys, tmp_path):
+    args = _train_args(env, tmp_path)
+    args[args.index("--device") + 1] = "cuda"
+    rc, _, err = run(capsys, *args)
+    assert_one_line_error(rc, err, "--device cuda", "CUDA is not available")
+    assert not (tmp_path / "run").exists()
+
+
+def test_bf16_where_unsupported(env, capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(T, "_cpu_bf16_autocast_ok", lambda: False)  # a torch build without CPU bf16 autocast
+    rc, _, err = run(capsys, *_train_args(env, tmp_path, "--precision", "bf16"))
+    assert_one_line_error(rc, err, "--precision bf16", "fp32")
+    assert not (tmp_path / "run").exists()
+
+
+def test_bf16_training_runs_on_the_cpu(env, capsys, tmp_path):
+    rc, _, err = run(capsys, *_train_args(env, tmp_path, "--precision", "bf16"))
+    assert rc == 0, err
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert np.isfinite(log[-1]["rec_loss"])
+
+
+def test_bad_inputs_of_the_model_commands(env, capsys, tmp_path):
+    rc, _, err = run(capsys, "reconstruct", "--checkpoint", env / "vq", "--out", tmp_path / "o", tmp_path / "nope.png")
+    assert_one_line_error(rc, err, "nope.png", "no such file")
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG nope")
+    rc, _, err = run(capsys, "reconstruct", "--checkpoint", env / "vq", "--out", tmp_path / "o", bad)
+    assert_one_line_error(rc, err, "cannot read image", "bad.png")
+    np.save(tmp_path / "c.npy", np.full((4, 4), 999, dtype=np.int64))
+    rc, _, err = run(capsys, "decode", "--checkpoint", env / "vq", "--out", tmp_path / "o", tmp_path / "c.npy")
+    assert_one_line_error(rc, err, "must lie in [0, 32)")
+    rc, _, err = run(capsys, "sample", "--checkpoint", env / "gpt", "--out", tmp_path / "o", "--class-label", "7")
+    assert_one_line_error(rc, err, "--class-label 7", "0..1")
+    rc, _, err = run(capsys, "reconstruct", "--checkpoint", tmp_path / "none", "--out", tmp_path / "o",
+                     env / "data" / "cats" / "img0.png")
+    assert_one_line_error(rc, err, "does not exist")
+
+
+def test_info_and_bench_are_still_there(capsys):
+    rc, out, _ = run(capsys, "info", "--json")
+    assert rc == 0 and "torch" in json.loads(out)
+    rc, out, _ = run(capsys, "bench", "--help")
+    assert rc == 0 and "usage: vqkernels bench" in out
+
+
+def test_demo_refuses_an_existing_demo(capsys, tmp_path):
+    (tmp_path / "metrics.json").write_text("{}")
+    rc, _, err = run(capsys, "demo", "--out", tmp_path, "--minutes", "1")
+    assert_one_line_error(rc, err, "already holds a demo", "--overwrite")
+    assert (tmp_path / "metrics.json").read_text() == "{}"
