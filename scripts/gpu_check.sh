@@ -168,6 +168,10 @@ run_stage() {
   return "$rc"
 }
 
+# What marks a test file as touching a peer: importing one (directly or with importorskip), or the benchmark
+# suites (whose providers are the peers).
+PEER_USE="(importorskip|import_module)\\([\"'](taming|vector_quantize_pytorch|faiss|transformers|lpips|pytorch_lightning)|^\\s*(import|from) (taming|vector_quantize_pytorch|faiss|transformers|lpips)|vqkernels\\.bench|_taming_standins"
+
 # The CPU rehearsal (CI): a stage's test selection, each file in its own process, with the peer packages
 # hidden (tests/plugins/hide_peers.py), as on the GPU image. Files that never import a peer run the same
 # with or without them and already ran in `make test`, so only files that name a peer run again here.
@@ -176,7 +180,7 @@ rehearse() {
   stage_budget "$s" >/dev/null || { echo "unknown stage '$s' (stages: ${STAGES[*]})"; return 2; }
   for f in $(stage_tests "$s"); do
     [ -f "$f" ] || continue
-    if grep -qE 'taming|vector_quantize_pytorch|faiss|transformers|lpips' "$f"; then files+=("$f"); fi
+    if grep -qE "$PEER_USE" "$f"; then files+=("$f"); fi
   done
   echo "rehearsal of stage $s without the peers: ${files[*]:-(no file names a peer)}"
   [ ${#files[@]} -eq 0 ] && return 0

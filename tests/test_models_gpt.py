@@ -17,7 +17,10 @@ CFG = dict(vocab_size=37, block_size=16, n_layer=2, n_head=4, n_embd=32)
 @pytest.fixture
 def taming(monkeypatch):
     """taming's modules with the two stand-ins they need today, put in sys.modules for this test only:
-    `transformers.top_k_top_p_filtering` (mingpt) and `pytorch_lightning.utilities.distributed` (models)."""
+    `transformers.top_k_top_p_filtering` (mingpt) and `pytorch_lightning.utilities.distributed` (models).
+    Absent peers (the GPU image has none) skip the comparisons."""
+    pytest.importorskip("taming")
+    pytest.importorskip("pytorch_lightning")
     stub = types.ModuleType("transformers")
 
     def _unused(*a, **k):
