@@ -75,6 +75,7 @@ class VQGANTrainConfig:
     lr: float = 4.5e-4                 # the generator's (encoder, decoder, codebook) learning rate
     disc_lr: float | None = None       # the discriminator's (None: lr)
     betas: tuple = (0.5, 0.9)          # taming's Adam betas
+    adam_eps: float = 1e-8             # Adam's eps (torch's default, as taming)
     weight_decay: float = 0.0
     warmup_steps: int = 0
     schedule: str = "constant"         # or "cosine" (to 10% of lr at the last step)
@@ -813,8 +814,9 @@ def _train_vqgan(cfg, resume, overwrite, progress, echo, d, device):
     loss_fn.to(device, memory_format=mf).train()
     disc = loss_fn.discriminator
     g_params = [p for p in model.parameters() if p.requires_grad]
-    opt_g = torch.optim.AdamW(g_params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr or cfg.lr, betas=tuple(cfg.betas),
+    opt_g = torch.optim.AdamW(g_params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps,
+                              weight_decay=cfg.weight_decay)
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr or cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps,
                               weight_decay=cfg.weight_decay)
     clock = _Clock(cfg)
     sch_g = torch.optim.lr_scheduler.LambdaLR(opt_g, _lr_lambda(cfg, clock))
