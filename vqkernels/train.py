@@ -386,6 +386,26 @@ def _rng_state() -> dict:
     return state
 
 
+def _start_rngs_and_wrap(model, state, cfg, d, device):
+    """The random streams from here on (a resumed run's, restored per rank; else seeded per rank), and the model as
+    the loop calls it: under DDP when there are several processes, compiled under --compile."""
+    if state is not None:
+        rngs = state["rng"]
+        _set_rng_state(rngs[d.rank] if d.rank < len(rngs) else rngs[0])
+    else:
+        # each rank draws its own random numbers (dropout, restarts); rank 0's stream is a single process's, so
+        # one process and rank 0 of several make the same draws
+        torch.manual_seed(cfg.seed + d.rank)
+    net = model
+    if d.world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        net = torch.compile(net)
+    return net
+
+
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
@@ -828,20 +848,7 @@ def _train_vqgan(cfg, resume, overwrite, progress, echo, d, device):
         opt_d.load_state_dict(state["optimizer_d"])
         sch_g.load_state_dict(state["scheduler_g"])
         sch_d.load_state_dict(state["scheduler_d"])
-        rngs = state["rng"]
-        _set_rng_state(rngs[d.rank] if d.rank < len(rngs) else rngs[0])
-    else:
-        # from here on each rank draws its own random numbers (dropout, restarts); rank 0's stream is a single
-        # process's, so one process and rank 0 of several make the same draws
-        torch.manual_seed(cfg.seed + d.rank)
-
-    net = model
-    if d.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        net = torch.compile(net)
+    net = _start_rngs_and_wrap(model, state, cfg, d, device)
     disc_start = loss_fn.discriminator_iter_start
 
     # a fixed batch for the periodic pictures: held-out crops when there are, else the first training items
@@ -1029,19 +1036,7 @@ def _train_gpt(cfg, resume, overwrite, progress, echo, d, device):
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         sch.load_state_dict(state["scheduler"])
-        rngs = state["rng"]
-        _set_rng_state(rngs[d.rank] if d.rank < len(rngs) else rngs[0])
-    else:
-        # from here on each rank draws its own random numbers (dropout, restarts); rank 0's stream is a single
-        # process's, so one process and rank 0 of several make the same draws
-        torch.manual_seed(cfg.seed + d.rank)
-    net = model
-    if d.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if cfg.compile:
-        net = torch.compile(net)
+    net = _start_rngs_and_wrap(model, state, cfg, d, device)
 
     held_images = (torch.stack([held[i] for i in range(len(held))]) if held is not None and len(held) else None)
     loader = _loader(train_set, cfg, start, d, device)
