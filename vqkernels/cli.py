@@ -252,19 +252,24 @@ def _pad_to(x, f: int):
     return x, (H, W)
 
 
-def _cmd_reconstruct(args) -> int:
-    import torch
-
-    from .data import to_image
+def _vqgan_job(args, ext: str):
+    """What reconstruct and encode share: the images (read first, so a bad one fails before any work), the VQGAN
+    checkpoint, the output folder and one output path per image, the downsampling factor and the model's device."""
     from .train import load_model
 
     imgs = _load_images(args.images)
     paths = [Path(p) for p in args.images]
     model = load_model(args.checkpoint, "vqgan", _device(args))
-    out = _out_dir(args.out)
-    outs = _outputs(paths, out, ".png")
-    f = model.config.downsample_factor
-    device = next(model.parameters()).device
+    outs = _outputs(paths, _out_dir(args.out), ext)
+    return paths, imgs, model, outs, model.config.downsample_factor, next(model.parameters()).device
+
+
+def _cmd_reconstruct(args) -> int:
+    import torch
+
+    from .data import to_image
+
+    paths, imgs, model, outs, f, device = _vqgan_job(args, ".png")
     psnrs = []
     with torch.no_grad():
         for p, o, img in zip(paths, outs, imgs):
@@ -290,15 +295,7 @@ def _cmd_encode(args) -> int:
     import numpy as np
     import torch
 
-    from .train import load_model
-
-    imgs = _load_images(args.images)
-    paths = [Path(p) for p in args.images]
-    model = load_model(args.checkpoint, "vqgan", _device(args))
-    out = _out_dir(args.out)
-    outs = _outputs(paths, out, ".npy")
-    f = model.config.downsample_factor
-    device = next(model.parameters()).device
+    paths, imgs, model, outs, f, device = _vqgan_job(args, ".npy")
     with torch.no_grad():
         for p, o, img in zip(paths, outs, imgs):
             H, W = img.shape[-2:]
