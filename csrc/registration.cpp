@@ -41,6 +41,11 @@ TORCH_LIBRARY(vqkernels_C, m) {
   // sequence b sits at position len_b - Tq + t and attends to cache positions [0, len_b - Tq + t].
   // Returns out (B, H, Tq, Dh) in q's dtype. Reads nothing at or past len_b.
   m.def("attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, float scale) -> Tensor");
+
+  // Inference linear for a few rows (csrc/cpu/linear.cpp, CPU only): x (M, K) float32 contiguous, w_packed
+  // (ceil(N / 32), K, 32) the weight (N, K) packed by vqkernels.ops.linear.pack_weight, bias (N,) or None.
+  // Returns y (M, N) = x @ W^T + bias.
+  m.def("linear_packed(Tensor x, Tensor w_packed, Tensor? bias, int out_features) -> Tensor");
 }
 
 namespace {

@@ -201,7 +201,7 @@ def test_inference_weights_same_outputs_and_dropped_after():
         got = [net["attn"](x), net["fc"](x), net["head"](x)]
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    assert net["attn"]._fused is None and net["fc"]._wt is None and net["head"]._wt is None
+    assert net["attn"]._fused is None and net["fc"]._packed is None and net["head"]._packed is None
     assert set(net.state_dict()) == {"attn.key.weight", "attn.key.bias", "attn.query.weight", "attn.query.bias",
                                      "attn.value.weight", "attn.value.bias", "attn.proj.weight", "attn.proj.bias",
                                      "fc.weight", "fc.bias", "head.weight"}

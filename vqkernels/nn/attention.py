@@ -16,39 +16,32 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops.attention import attention, attention_with_kv_cache, causal_attention
+from ..ops.linear import PackedLinear
 
 __all__ = ["CausalSelfAttention", "KVCache", "Linear", "inference_weights"]
 
 
-def _transposed_weights_pay(device: torch.device) -> bool:
-    # CPU GEMMs with few rows (a decoding step: M = batch) run faster on an (in, out) contiguous weight than on
-    # nn.Linear's (out, in) (measured with torch's MKL, fp32, M = 8, one thread: 1.5-2x for a cache-resident
-    # weight, 10-20% when a whole model's weights stream from memory); cuBLAS takes either layout at full
-    # speed, so there the copy would only cost memory.
-    return device.type == "cpu"
-
-
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters, state_dict and forward) that, inside :func:`inference_weights`,
-    multiplies by a prepared contiguous (in, out) copy of its weight where that is faster (CPU)."""
+    multiplies through a :class:`~vqkernels.ops.linear.PackedLinear` built once from its weight (on the CPU
+    in float32: the weight packed for the few-row kernel of a decoding step)."""
 
-    _wt: torch.Tensor | None = None
+    _packed: PackedLinear | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        wt = self._wt
-        if wt is None:
+        if self._packed is None:
             return F.linear(x, self.weight, self.bias)
-        x2 = x.reshape(-1, x.shape[-1])
-        y = torch.mm(x2, wt) if self.bias is None else torch.addmm(self.bias, x2, wt)
-        return y.view(*x.shape[:-1], wt.shape[1])
+        return self._packed(x)
 
 
 @contextlib.contextmanager
 def inference_weights(module: nn.Module):
     """Inference only (no gradient reaches the copies): within this context every :class:`Linear` and
-    :class:`CausalSelfAttention` under ``module`` multiplies by weights prepared once (the attention's q, k, v
-    projections concatenated; on the CPU transposed to (in, out)), instead of rebuilding or repacking them on
-    every call. Costs one copy of those weights while it lasts; they are dropped on exit."""
+    :class:`CausalSelfAttention` under ``module`` multiplies through weights prepared once
+    (:class:`~vqkernels.ops.linear.PackedLinear`; the attention's q, k, v projections concatenated), instead
+    of rebuilding or repacking them on every call. Costs one copy of those weights while it lasts (on the CPU
+    in float32; elsewhere only the concatenated q, k, v); they are dropped on exit. The weights must not change
+    inside the context: the copies would not see it."""
     stack = contextlib.ExitStack()
     with stack:
         for m in module.modules():
@@ -61,13 +54,11 @@ def inference_weights(module: nn.Module):
 
 @contextlib.contextmanager
 def _linear_prepared(m: Linear):
-    if _transposed_weights_pay(m.weight.device):
-        with torch.no_grad():
-            m._wt = m.weight.t().contiguous()
+    m._packed = PackedLinear(m.weight, m.bias)
     try:
         yield
     finally:
-        m._wt = None
+        m._packed = None
 
 
 class KVCache:
@@ -201,8 +192,7 @@ class CausalSelfAttention(nn.Module):
         self.attn_drop = nn.Dropout(attn_pdrop)  # minGPT has it (no state); the dropout runs inside SDPA
         self.resid_drop = nn.Dropout(resid_pdrop)
         self.proj = Linear(n_embd, n_embd, bias=bias)
-        # (weight, bias, transposed) prepared by fused_qkv(); None: concatenated on each call
-        self._fused: tuple[torch.Tensor, torch.Tensor | None, bool] | None = None
+        self._fused: PackedLinear | None = None  # prepared by fused_qkv(); None: concatenated on each call
         self.register_load_state_dict_pre_hook(_accept_mingpt_mask)
 
     def extra_repr(self) -> str:
@@ -223,15 +213,10 @@ class CausalSelfAttention(nn.Module):
     @contextlib.contextmanager
     def fused_qkv(self):
         """Within this context (inference: no gradients reach key/query/value) the concatenated weights are
-        built once (on the CPU as a contiguous (C, (H + 2 Hkv) hs) matrix, see :class:`Linear`) and reused by
-        every forward: a decoding step then neither copies nor repacks 3 C^2 weights."""
-        self._fused = None
+        built once into a :class:`~vqkernels.ops.linear.PackedLinear` and reused by every forward: a decoding
+        step then neither copies nor repacks 3 C^2 weights."""
         with torch.no_grad():
-            w, b = self.qkv_weight()
-            transposed = _transposed_weights_pay(w.device)
-            if transposed:
-                w = w.t().contiguous()
-        self._fused = (w, b, transposed)
+            self._fused = PackedLinear(*self.qkv_weight())
         try:
             yield
         finally:
@@ -241,12 +226,7 @@ class CausalSelfAttention(nn.Module):
         """x (B, T, C) -> (B, T, (H + 2 Hkv) hs), one matmul."""
         if self._fused is None:
             return F.linear(x, *self.qkv_weight())
-        w, b, transposed = self._fused
-        if not transposed:
-            return F.linear(x, w, b)
-        x2 = x.reshape(-1, x.shape[-1])
-        y = torch.mm(x2, w) if b is None else torch.addmm(b, x2, w)
-        return y.view(*x.shape[:-1], w.shape[1])
+        return self._fused(x)
 
     # -- forward -------------------------------------------------------------------------------------
 

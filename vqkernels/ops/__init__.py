@@ -4,6 +4,7 @@
     vq_loss/        the fused VQ loss and vector_quantize (search + gather + loss, fused on the CPU)
     code_stats/     per-code counts and sums, the EMA codebook update, code usage
     attention/      fused scaled-dot-product attention
+    linear/         inference linear for a few rows on a weight packed once (decoding)
 
 Shared by every op's wrapper and kernels:
 
