@@ -75,6 +75,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["avx512"] = vqkernels::cpu::has_avx512();
     d["avx512_bf16"] = vqkernels::cpu::has_avx512_bf16();
     d["avx512_vnni"] = vqkernels::cpu::has_avx512_vnni();
+    d["amx_bf16"] = vqkernels::cpu::has_amx_bf16();
+    d["mkl_bf16_gemm"] = vqkernels::cpu::mkl_bf16_gemm() != nullptr;
     return d;
   }, "The CPU features the C++ CPU kernels use here (after the VQKERNELS_CPU_NO_* overrides)");
   m.def("search_stats", [] {

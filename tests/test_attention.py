@@ -512,8 +512,8 @@ def test_cpu_flash_kernel_matches_fp64(dtype, causal, case):
     if not flash_kernel_available():
         pytest.skip("the C++ CPU flash-attention kernel is not built")
     B, H, Hkv, Tq, Tk, Dh, layout = FLASH_CASES[case]
-    if dtype != torch.float32 and Tq * Tk > 20000:
-        pytest.skip("the long cases run in float32 only (the low-precision path is the same float32 kernel)")
+    if dtype == torch.float16 and Tq * Tk > 20000:
+        pytest.skip("the long cases run in float32 and bfloat16 only (float16 is widened to the float32 kernel)")
     q = make((B, H, Tq, Dh), dtype, "cpu", layout, seed=11)
     k = make((B, Hkv, Tk, Dh), dtype, "cpu", layout, seed=12)
     v = make((B, Hkv, Tk, Dh), dtype, "cpu", layout, seed=13)
@@ -536,14 +536,15 @@ def test_cpu_flash_kernel_matches_fp64(dtype, causal, case):
         assert (out[dead] == 0).all() and (dq[dead] == 0).all()
 
 
-def test_cpu_flash_kernel_threads_bit_identical():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cpu_flash_kernel_threads_bit_identical(dtype):
     # Enough work for the kernel to go parallel; grouped heads (the dk/dv sum over heads runs in a fixed order).
     if not flash_kernel_available():
         pytest.skip("the C++ CPU flash-attention kernel is not built")
-    q = make((2, 4, 200, 64), torch.float32, "cpu", seed=21)
-    k = make((2, 2, 200, 64), torch.float32, "cpu", seed=22)
-    v = make((2, 2, 200, 64), torch.float32, "cpu", seed=23)
-    g = make((2, 4, 200, 64), torch.float32, "cpu", seed=24)
+    q = make((2, 4, 200, 64), dtype, "cpu", seed=21)
+    k = make((2, 2, 200, 64), dtype, "cpu", seed=22)
+    v = make((2, 2, 200, 64), dtype, "cpu", seed=23)
+    g = make((2, 4, 200, 64), dtype, "cpu", seed=24)
     for causal in (False, True):
         one, two = with_threads(lambda: flash_run(q, k, v, g, causal, 0.125))
         for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), one, two):
@@ -552,15 +553,19 @@ def test_cpu_flash_kernel_threads_bit_identical():
 
 def test_cpu_backend_runs_flash_kernel_for_float32():
     # The dispatch rule (from the dtype and the build only): float32 with AVX-512 goes to our kernel, and then the
-    # public op equals the kernel's result exactly; other dtypes stay on PyTorch's kernel.
+    # public op equals the kernel's result exactly; bfloat16 too where MKL's bfloat16 GEMM has AMX tiles; other
+    # dtypes stay on PyTorch's kernel.
     from vqkernels.ops.attention import _cpu_flash
     if not (flash_kernel_available() and _backend.cpu_has_avx512()):
         pytest.skip("the C++ CPU flash-attention kernel or AVX-512 is missing here")
     q = make((1, 2, 65, 64), torch.float32, "cpu", seed=31)
     k = make((1, 1, 70, 64), torch.float32, "cpu", seed=32)
-    assert _cpu_flash(q) and not _cpu_flash(q.bfloat16()) and not _cpu_flash(q.double())
-    out = causal_attention(q, k, k, backend="cpu")
-    assert torch.equal(out, torch.ops.vqkernels_C.attention_fwd(q, k, k, True, 0.125)[0])
+    assert _cpu_flash(q) and not _cpu_flash(q.half()) and not _cpu_flash(q.double())
+    assert _cpu_flash(q.bfloat16()) == _backend.cpu_has_bf16_gemm()
+    for t, s in ((q, k), (q.bfloat16(), k.bfloat16())):
+        if _cpu_flash(t):
+            out = causal_attention(t, s, s, backend="cpu")
+            assert torch.equal(out, torch.ops.vqkernels_C.attention_fwd(t, s, s, True, 0.125)[0])
 
 
 @pytest.mark.parametrize("switch", ["VQKERNELS_CPU_NO_AVX512", "VQKERNELS_CPU_NO_MKL"])
@@ -589,6 +594,16 @@ for causal in (False, True):
         for a, b in zip((out,) + tuple(grads), (ro,) + tuple(ref)):
             e = (a.double() - b).abs().max().item()
             assert e <= 1e-5, (causal, Tq, Tk, e)
+        if os.environ.get("VQKERNELS_CPU_NO_MKL"):
+            # bfloat16 without MKL's bfloat16 GEMM: widened to the float32 kernel, so exactly its result rounded
+            qb, kb, vb, gb = (t.bfloat16() for t in (q, k, v, go))
+            ob, lb = torch.ops.vqkernels_C.attention_fwd(qb, kb, vb, causal, 0.2)
+            of, lf = torch.ops.vqkernels_C.attention_fwd(qb.float(), kb.float(), vb.float(), causal, 0.2)
+            assert torch.equal(ob, of.bfloat16()) and torch.equal(lb, lf)
+            gbs = torch.ops.vqkernels_C.attention_bwd(gb, qb, kb, vb, ob, lb, causal, 0.2)
+            gfs = torch.ops.vqkernels_C.attention_bwd(gb.float(), qb.float(), kb.float(), vb.float(), ob.float(), lb,
+                                                       causal, 0.2)
+            assert all(torch.equal(a, b.bfloat16()) for a, b in zip(gbs, gfs))
 """
     env = dict(os.environ, **{switch: "1"})
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)

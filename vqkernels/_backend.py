@@ -303,6 +303,15 @@ def cpu_has_avx512() -> bool:
     return m is not None and bool(getattr(m, "cpu_features", dict)().get("avx512", False))
 
 
+@_constant_under_compile
+def cpu_has_bf16_gemm() -> bool:
+    """Whether bfloat16 GEMMs are fast here for the C++ kernels: MKL's bfloat16 GEMM is in the process and the
+    processor has AMX-BF16 tiles (False without _C, or under VQKERNELS_CPU_NO_AMX=1 at first call)."""
+    m = c_extension()
+    f = getattr(m, "cpu_features", dict)() if m is not None else {}
+    return bool(f.get("amx_bf16", False) and f.get("mkl_bf16_gemm", False))
+
+
 def triton_interpreter() -> bool:
     """Whether Triton runs in its interpreter (TRITON_INTERPRET set and not "0"): the one place it is parsed."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

@@ -17,11 +17,16 @@
 //    query block: no atomics, no Tq x Tk matrix, and no reduction across threads. Grouped heads write per-head
 //    dk/dv that a fixed-order loop sums afterwards, so results are bit-identical for any thread count.
 // GEMMs: MKL's sgemm_ (found at run time in the process: torch's x86 builds link MKL) on one thread per task;
-// without it, at::mm on the same tiles (correct, slower). float16/bfloat16 inputs are widened to float32 once
-// (a T x Dh pass, cheap next to the T^2 x Dh work) and run the float32 kernel: fp32 accumulation everywhere
-// and float32 P and dS (PyTorch's half-precision backward rounds them and misses the 2x accuracy rule).
+// without it, at::mm on the same tiles (correct, slower).
+// bfloat16: where MKL's cblas_gemm_bf16bf16f32 is in the process, the GEMMs take bfloat16 operands (AMX tiles on
+// Sapphire Rapids, 2-4x sgemm's rate on these tiles) and accumulate in float32: q, k, v, dO are read as they
+// are; P and dS are rounded to bfloat16 for the GEMMs they feed (as PyTorch's explicit bfloat16 attention
+// rounds them), while the softmax, its statistics, delta and the dq/dk/dv accumulators stay float32.
+// Otherwise (and for float16) the inputs are widened to float32 once (a T x Dh pass, cheap next to the
+// T^2 x Dh work) and run the float32 kernel.
 // The elementwise passes are AVX-512 where the CPU has it (cpu::has_avx512()); else portable loops.
 #include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -29,6 +34,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(__linux__) || defined(__APPLE__)
@@ -46,6 +52,7 @@
 #endif
 
 #include "runtime.h"
+#include "exp_avx512.h"
 
 namespace vqkernels {
 namespace {
@@ -120,6 +127,19 @@ struct BlasOneThread {
   }
 };
 
+using bf16 = c10::BFloat16;
+
+// The same GEMM on bfloat16 operands, float32 C (MKL's cblas_gemm_bf16bf16f32, row-major; the caller has
+// checked that it exists and that every size fits its 32-bit ints).
+void gemm_rm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const bf16* A, int64_t lda,
+             const bf16* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+  cpu::mkl_bf16_gemm()(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, (int)m, (int)n, (int)k, alpha,
+                       reinterpret_cast<const uint16_t*>(A), (int)lda, reinterpret_cast<const uint16_t*>(B),
+                       (int)ldb, beta, C, (int)ldc);
+}
+
 // ------------------------------------------------------------------------------------------------
 // Row passes. Each has an AVX-512 version and a portable one of the same arithmetic order where it matters.
 
@@ -147,6 +167,10 @@ inline float dot(const float* a, const float* b, int64_t n) {
   for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
   return s;
 }
+// y[i] = x[i] rounded to bfloat16 (to nearest even)
+inline void to_bf16(const float* x, c10::BFloat16* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = c10::BFloat16(x[i]);
+}
 }  // namespace portable
 
 #if VQK_FLASH_X86 && defined(__GNUC__)
@@ -155,22 +179,7 @@ inline float dot(const float* a, const float* b, int64_t n) {
 namespace avx512 {
 inline __mmask16 tail(int64_t r) { return r >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << r) - 1u); }
 
-// exp(x) for x <= ~0 (x = -inf gives exactly 0): x = n ln2 + r (Cody-Waite), degree-6 polynomial on
-// |r| <= ln2 / 2, 2^n by vscalefps (clean underflow to 0).
-inline __m512 exp_ps(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.3981999507e-3f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
-}
+inline __m512 exp_ps(__m512 x) { return cpu::exp_ps_avx512(x); }  // (exp_avx512.h)
 
 inline float row_max(const float* x, int64_t n) {
   __m512 m = _mm512_set1_ps(kNegInf);
@@ -220,6 +229,17 @@ inline float dot(const float* a, const float* b, int64_t n) {
   }
   return _mm512_reduce_add_ps(s);
 }
+inline void to_bf16(const float* x, c10::BFloat16* y, int64_t n) {
+  // round to nearest even on the bits (P and dS are finite), keep the high half
+  const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7FFF);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = tail(n - i);
+    const __m512i b = _mm512_castps_si512(_mm512_maskz_loadu_ps(k, x + i));
+    const __m512i r = _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(b, 16), one));
+    const __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(b, r), 16));
+    _mm256_mask_storeu_epi16(reinterpret_cast<void*>(y + i), k, h);
+  }
+}
 }  // namespace avx512
 #pragma GCC pop_options
 #define VQK_ROW(avx, f, ...) ((avx) ? avx512::f(__VA_ARGS__) : portable::f(__VA_ARGS__))
@@ -260,9 +280,12 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   return p;
 }
 
-// A float32 tensor the kernels can read in place: unit last-dim stride and row stride >= Dh (BLAS's rule).
+// A tensor of element type T (float or bfloat16) the kernels can read in place: unit last-dim stride and row
+// stride >= Dh (BLAS's rule).
+template <typename T>
 at::Tensor readable(const at::Tensor& t) {
-  at::Tensor f = t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
+  constexpr auto st = std::is_same_v<T, float> ? at::kFloat : at::kBFloat16;
+  at::Tensor f = t.scalar_type() == st ? t : t.to(st);
   if ((f.stride(3) != 1 && f.size(3) > 1) || (f.stride(2) < f.size(3) && f.size(2) > 1)) f = f.contiguous();
   return f;
 }
@@ -284,6 +307,40 @@ void check_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, cons
               ": float32, float16 or bfloat16 expected, got ", dt);
 }
 
+// Whether bfloat16 inputs run on bfloat16 GEMMs: MKL's bf16 GEMM is in the process and every size and row
+// stride fits its 32-bit ints.
+bool native_bf16(std::initializer_list<const at::Tensor*> ts) {
+  if ((*ts.begin())->scalar_type() != at::kBFloat16 || !cpu::mkl_bf16_gemm()) return false;
+  const int64_t lim = std::numeric_limits<int>::max();
+  for (const at::Tensor* t : ts)
+    if (t->size(2) > lim || t->size(3) > lim || t->stride(2) > lim) return false;
+  return true;
+}
+
+// GEMM operand of element type T from a float32 tile: the tile itself, or (bfloat16) its rounding in scratch.
+template <typename T>
+const T* operand(const float* x, int64_t count, std::vector<T>& scratch, bool avx) {
+  if constexpr (std::is_same_v<T, float>) {
+    (void)count, (void)scratch, (void)avx;
+    return x;
+  } else {
+    VQK_ROW(avx, to_bf16, x, scratch.data(), count);
+    return scratch.data();
+  }
+}
+
+// sum_i a[i] b[i] in float32 (bfloat16 rows are widened into tmp, 2 n floats).
+template <typename T>
+float row_dot(const T* a, const T* b, int64_t n, bool avx, float* tmp) {
+  if constexpr (std::is_same_v<T, float>) {
+    (void)tmp;
+    return VQK_ROW(avx, dot, a, b, n);
+  } else {
+    for (int64_t i = 0; i < n; ++i) tmp[i] = static_cast<float>(a[i]), tmp[n + i] = static_cast<float>(b[i]);
+    return VQK_ROW(avx, dot, tmp, tmp + n, n);
+  }
+}
+
 double task_work(const Problem& p) {  // multiply-adds of the whole problem (for the threading threshold)
   const double pairs = (double)p.Tq * p.Tk * (p.causal ? 0.5 : 1.0);
   return (double)p.B * p.H * pairs * p.Dh * 2.0;
@@ -292,18 +349,18 @@ double task_work(const Problem& p) {  // multiply-adds of the whole problem (for
 // ------------------------------------------------------------------------------------------------
 // Forward: task = (b, h, block of kQueryBlock queries); online softmax over chunks of kKeyChunk keys.
 
-std::tuple<at::Tensor, at::Tensor> flash_fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                                             bool causal, double scale) {
-  check_inputs("attention_fwd", q_in, k_in, v_in);
-  const at::Tensor q = readable(q_in), k = readable(k_in), v = readable(v_in);
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> flash_fwd_impl(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                  const at::Tensor& v_in, bool causal, double scale) {
+  const at::Tensor q = readable<T>(q_in), k = readable<T>(k_in), v = readable<T>(v_in);
   const Problem p = make_problem(q, k, v, causal, scale);
   const bool wide = q_in.scalar_type() != at::kFloat;
   at::Tensor out = at::empty_like(q_in, q_in.options().dtype(at::kFloat));
   at::Tensor lse = at::empty({p.B, p.H, p.Tq}, q_in.options().dtype(at::kFloat));
   const int64_t so[3] = {out.stride(0), out.stride(1), out.stride(2)};
-  const float* Q = q.data_ptr<float>();
-  const float* K = k.data_ptr<float>();
-  const float* V = v.data_ptr<float>();
+  const T* Q = q.data_ptr<T>();
+  const T* K = k.data_ptr<T>();
+  const T* V = v.data_ptr<T>();
   float* O = out.data_ptr<float>();
   float* L = lse.data_ptr<float>();
   const int64_t Dh = p.Dh;
@@ -324,13 +381,14 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(const at::Tensor& q_in, const at::T
   cpu::parallel_blocks(ntasks, task_work(p) / 3.0, [&](const std::function<int64_t()>& next) {
     BlasOneThread one;
     std::vector<float> S((size_t)(kQueryBlock * kKeyChunk)), acc((size_t)(kQueryBlock * Dh));
+    std::vector<T> Pb(std::is_same_v<T, float> ? 0 : (size_t)(kQueryBlock * kKeyChunk));
     float mrow[kQueryBlock], lrow[kQueryBlock];
     for (int64_t task; (task = next()) >= 0;) {
       const int64_t qb = task % nqb, bh = task / nqb, h = bh % p.H, b = bh / p.H, hk = h / p.G;
       const int64_t i0 = p.r0 + qb * kQueryBlock, i1 = std::min(p.Tq, i0 + kQueryBlock), m = i1 - i0;
-      const float* Qb = Q + b * p.sq[0] + h * p.sq[1] + i0 * p.sq[2];
-      const float* Kb = K + b * p.sk[0] + hk * p.sk[1];
-      const float* Vb = V + b * p.sv[0] + hk * p.sv[1];
+      const T* Qb = Q + b * p.sq[0] + h * p.sq[1] + i0 * p.sq[2];
+      const T* Kb = K + b * p.sk[0] + hk * p.sk[1];
+      const T* Vb = V + b * p.sv[0] + hk * p.sv[1];
       const int64_t ke = p.kend(i1);
       std::fill_n(mrow, m, kNegInf);
       std::fill_n(lrow, m, 0.f);
@@ -351,8 +409,8 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(const at::Tensor& q_in, const at::T
           lrow[r] += s;
           mrow[r] = mnew;
         }
-        gemm_rm(false, false, m, Dh, n, 1.f, S.data(), n, Vb + j0 * p.sv[2], p.sv[2], j0 > 0 ? 1.f : 0.f,
-                acc.data(), Dh);
+        gemm_rm(false, false, m, Dh, n, 1.f, operand<T>(S.data(), m * n, Pb, avx), n, Vb + j0 * p.sv[2], p.sv[2],
+                j0 > 0 ? 1.f : 0.f, acc.data(), Dh);
       }
       for (int64_t r = 0; r < m; ++r) {
         float* Or = O + b * so[0] + h * so[1] + (i0 + r) * so[2];
@@ -376,21 +434,23 @@ std::tuple<at::Tensor, at::Tensor> flash_fwd(const at::Tensor& q_in, const at::T
   return {out, lse};
 }
 
+std::tuple<at::Tensor, at::Tensor> flash_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                             bool causal, double scale) {
+  check_inputs("attention_fwd", q, k, v);
+  if (native_bf16({&q, &k, &v})) return flash_fwd_impl<bf16>(q, k, v, causal, scale);
+  return flash_fwd_impl<float>(q, k, v, causal, scale);
+}
+
 // ------------------------------------------------------------------------------------------------
 // Backward: task = (b, h). dk/dv of the head accumulate in fp32 over the query blocks; dq per query block.
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_bwd(const at::Tensor& go_in, const at::Tensor& q_in,
-                                                         const at::Tensor& k_in, const at::Tensor& v_in,
-                                                         const at::Tensor& out_in, const at::Tensor& lse_in,
-                                                         bool causal, double scale) {
-  check_inputs("attention_bwd", q_in, k_in, v_in);
-  TORCH_CHECK(go_in.sizes() == q_in.sizes() && out_in.sizes() == q_in.sizes(),
-              "attention_bwd: grad_out and out must have q's shape");
-  TORCH_CHECK(lse_in.dim() == 3 && lse_in.size(0) == q_in.size(0) && lse_in.size(1) == q_in.size(1) &&
-                  lse_in.size(2) == q_in.size(2),
-              "attention_bwd: lse must be (B, H, Tq)");
-  const at::Tensor q = readable(q_in), k = readable(k_in), v = readable(v_in);
-  const at::Tensor go = readable(go_in), o = readable(out_in);
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_bwd_impl(const at::Tensor& go_in, const at::Tensor& q_in,
+                                                              const at::Tensor& k_in, const at::Tensor& v_in,
+                                                              const at::Tensor& out_in, const at::Tensor& lse_in,
+                                                              bool causal, double scale) {
+  const at::Tensor q = readable<T>(q_in), k = readable<T>(k_in), v = readable<T>(v_in);
+  const at::Tensor go = readable<T>(go_in), o = readable<T>(out_in);
   const at::Tensor lse = lse_in.to(at::kFloat).contiguous();
   const Problem p = make_problem(q, k, v, causal, scale);
   const int64_t B = p.B, H = p.H, Hkv = p.Hkv, G = p.G, Tq = p.Tq, Tk = p.Tk, Dh = p.Dh;
@@ -398,7 +458,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_bwd(const at::Tensor& go_in
   const bool wide = dt != at::kFloat;
   at::Tensor dq = bthd(B, H, Tq, Dh, at::kFloat, q_in.device());
   // dk/dv: straight into the outputs when each kv head has one query head (fp32), else per query head.
-  const bool direct = G == 1 && !wide;
+  const bool direct = G == 1;
   at::Tensor dk = bthd(B, Hkv, Tk, Dh, at::kFloat, q_in.device());
   at::Tensor dv = bthd(B, Hkv, Tk, Dh, at::kFloat, q_in.device());
   at::Tensor dkh = direct ? dk : at::empty({B, H, Tk, Dh}, q_in.options().dtype(at::kFloat));
@@ -407,8 +467,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_bwd(const at::Tensor& go_in
   const int64_t sdk[3] = {dkh.stride(0), dkh.stride(1), dkh.stride(2)};
   const int64_t sdo[3] = {go.stride(0), go.stride(1), go.stride(2)};
   const int64_t soo[3] = {o.stride(0), o.stride(1), o.stride(2)};
-  const float *Q = q.data_ptr<float>(), *K = k.data_ptr<float>(), *V = v.data_ptr<float>();
-  const float *dO = go.data_ptr<float>(), *Ot = o.data_ptr<float>(), *LS = lse.data_ptr<float>();
+  const T *Q = q.data_ptr<T>(), *K = k.data_ptr<T>(), *V = v.data_ptr<T>();
+  const T *dO = go.data_ptr<T>(), *Ot = o.data_ptr<T>();
+  const float* LS = lse.data_ptr<float>();
   float *dQ = dq.data_ptr<float>(), *dKh = dkh.data_ptr<float>(), *dVh = dvh.data_ptr<float>();
   const bool avx = cpu::has_avx512();
   const int64_t chunk = kKeyChunk;
@@ -417,40 +478,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_bwd(const at::Tensor& go_in
     BlasOneThread one;
     std::vector<float> P((size_t)(kQueryBlock * chunk)), dP((size_t)(kQueryBlock * chunk));
     std::vector<float> dKa((size_t)(Tk * Dh)), dVa((size_t)(Tk * Dh)), dQa((size_t)(kQueryBlock * Dh));
+    std::vector<float> tmp((size_t)(2 * Dh));
+    const size_t nb = std::is_same_v<T, float> ? 0 : (size_t)(kQueryBlock * chunk);
+    std::vector<T> Pb(nb), dSb(nb);
     float Lr[kQueryBlock], delta[kQueryBlock];
     for (int64_t task; (task = next()) >= 0;) {
       const int64_t h = task % H, b = task / H, hk = h / G;
-      const float* Qh = Q + b * p.sq[0] + h * p.sq[1];
-      const float* Kh = K + b * p.sk[0] + hk * p.sk[1];
-      const float* Vh = V + b * p.sv[0] + hk * p.sv[1];
-      const float* dOh = dO + b * sdo[0] + h * sdo[1];
-      const float* Oh = Ot + b * soo[0] + h * soo[1];
+      const T* Qh = Q + b * p.sq[0] + h * p.sq[1];
+      const T* Kh = K + b * p.sk[0] + hk * p.sk[1];
+      const T* Vh = V + b * p.sv[0] + hk * p.sv[1];
+      const T* dOh = dO + b * sdo[0] + h * sdo[1];
+      const T* Oh = Ot + b * soo[0] + h * soo[1];
       float* dQh = dQ + b * sdq[0] + h * sdq[1];
       std::fill(dKa.begin(), dKa.end(), 0.f);
       std::fill(dVa.begin(), dVa.end(), 0.f);
       for (int64_t i = 0; i < p.r0; ++i) std::fill_n(dQh + i * sdq[2], Dh, 0.f);
       for (int64_t i0 = p.r0; i0 < Tq; i0 += kQueryBlock) {
         const int64_t i1 = std::min(Tq, i0 + kQueryBlock), m = i1 - i0;
-        const float* Qb = Qh + i0 * p.sq[2];
-        const float* dOb = dOh + i0 * sdo[2];
+        const T* Qb = Qh + i0 * p.sq[2];
+        const T* dOb = dOh + i0 * sdo[2];
         for (int64_t r = 0; r < m; ++r) {
           const float l = LS[(b * H + h) * Tq + i0 + r];
           Lr[r] = l == kNegInf ? std::numeric_limits<float>::infinity() : l;  // no key seen: P = exp(-inf) = 0
-          delta[r] = VQK_ROW(avx, dot, dOb + r * sdo[2], Oh + (i0 + r) * soo[2], Dh);
+          delta[r] = row_dot<T>(dOb + r * sdo[2], Oh + (i0 + r) * soo[2], Dh, avx, tmp.data());
         }
         const int64_t ke = p.kend(i1);
         for (int64_t j0 = 0; j0 < ke; j0 += chunk) {
           const int64_t n = std::min(chunk, ke - j0);
-          const float* Kc = Kh + j0 * p.sk[2];
-          const float* Vc = Vh + j0 * p.sv[2];
+          const T* Kc = Kh + j0 * p.sk[2];
+          const T* Vc = Vh + j0 * p.sv[2];
           gemm_rm(false, true, m, n, Dh, p.scale, Qb, p.sq[2], Kc, p.sk[2], 0.f, P.data(), n);
           if (p.causal && j0 + n - 1 > i0 + Tk - Tq) p.mask(P.data(), n, i0, m, j0, n);
           for (int64_t r = 0; r < m; ++r) VQK_ROW(avx, exp_sub_sum, P.data() + r * n, Lr[r], n);
           gemm_rm(false, true, m, n, Dh, 1.f, dOb, sdo[2], Vc, p.sv[2], 0.f, dP.data(), n);
           for (int64_t r = 0; r < m; ++r) VQK_ROW(avx, ds_row, P.data() + r * n, dP.data() + r * n, delta[r], n);
-          gemm_rm(true, false, n, Dh, m, 1.f, P.data(), n, dOb, sdo[2], 1.f, dVa.data() + j0 * Dh, Dh);
-          gemm_rm(true, false, n, Dh, m, p.scale, dP.data(), n, Qb, p.sq[2], 1.f, dKa.data() + j0 * Dh, Dh);
-          gemm_rm(false, false, m, Dh, n, p.scale, dP.data(), n, Kc, p.sk[2], j0 > 0 ? 1.f : 0.f, dQa.data(), Dh);
+          const T* Pop = operand<T>(P.data(), m * n, Pb, avx);
+          const T* dSop = operand<T>(dP.data(), m * n, dSb, avx);
+          gemm_rm(true, false, n, Dh, m, 1.f, Pop, n, dOb, sdo[2], 1.f, dVa.data() + j0 * Dh, Dh);
+          gemm_rm(true, false, n, Dh, m, p.scale, dSop, n, Qb, p.sq[2], 1.f, dKa.data() + j0 * Dh, Dh);
+          gemm_rm(false, false, m, Dh, n, p.scale, dSop, n, Kc, p.sk[2], j0 > 0 ? 1.f : 0.f, dQa.data(), Dh);
         }
         for (int64_t r = 0; r < m; ++r) {
           float* dst = dQh + (i0 + r) * sdq[2];
@@ -497,6 +563,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_bwd(const at::Tensor& go_in
     return {narrow(dq), narrow(dk), narrow(dv)};
   }
   return {dq, dk, dv};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_bwd(const at::Tensor& go, const at::Tensor& q, const at::Tensor& k,
+                                                         const at::Tensor& v, const at::Tensor& out,
+                                                         const at::Tensor& lse, bool causal, double scale) {
+  check_inputs("attention_bwd", q, k, v);
+  TORCH_CHECK(go.sizes() == q.sizes() && out.sizes() == q.sizes(), "attention_bwd: grad_out and out must have q's shape");
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) && lse.size(2) == q.size(2),
+              "attention_bwd: lse must be (B, H, Tq)");
+  if (native_bf16({&q, &k, &v, &go, &out})) return flash_bwd_impl<bf16>(go, q, k, v, out, lse, causal, scale);
+  return flash_bwd_impl<float>(go, q, k, v, out, lse, causal, scale);
 }
 
 }  // namespace

@@ -41,22 +41,7 @@ inline void scal(float* y, float a, int64_t n) {
   }
 }
 
-// exp(x) for x <= 0 (x = -inf gives exactly 0): Cody-Waite reduction x = n ln2 + r, a degree-6
-// polynomial on |r| <= ln2/2 (relative error ~2 ulp), 2^n by vscalefps (which underflows to 0 cleanly).
-inline __m512 exp_ps(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));  // -inf -> -104: exp(-104) underflows to 0 in scalef
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.3981999507e-3f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
-}
+inline __m512 exp_ps(__m512 x) { return ::vqkernels::cpu::exp_ps_avx512(x); }  // (exp_avx512.h)
 
 // x[i] = exp(x[i] - m) for i < n; returns their sum.
 inline float exp_shift_sum(float* x, float m, int64_t n) {

@@ -28,6 +28,17 @@ bool has_avx512();
 bool has_avx512_vnni();
 bool has_avx512_bf16();
 
+// AMX-BF16 tiles (Sapphire Rapids and later), less VQKERNELS_CPU_NO_AMX; the kernels never issue AMX
+// instructions themselves: MKL's bfloat16 GEMM does, and this says whether it will be fast.
+bool hw_amx_bf16();
+bool has_amx_bf16();
+
+// MKL's cblas_gemm_bf16bf16f32 (row/column-major CBLAS enums, LP64 ints), or nullptr when the process has no MKL.
+// C (m x n, float32) = alpha op(A) op(B) + beta C, A and B bfloat16 (as uint16_t).
+using bf16_gemm_fn = void (*)(int layout, int transa, int transb, int m, int n, int k, float alpha,
+                              const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta, float* c, int ldc);
+bf16_gemm_fn mkl_bf16_gemm();
+
 // Runs worker(next) on up to torch.get_num_threads() threads; next() hands out the block indices
 // 0..nblocks-1 once each (dynamic scheduling: the cores are shared, a static split would wait for
 // the slowest thread), then -1. Block boundaries are fixed by the caller, so results do not depend

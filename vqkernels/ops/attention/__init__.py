@@ -203,11 +203,17 @@ def _cpu_flash(q: torch.Tensor) -> bool:
     AVX-512. Measured causal forward + backward (medians, one process, Xeon Sapphire Rapids, shared and noisy):
     one thread (8, 8, 256, 64) 38 ms against PyTorch's 55 (minGPT 73), (4, 16, 1024, 64) 344 against 512 (minGPT
     1831); two threads 19.5 against 29 (minGPT 60) and 188 against 297 (minGPT 1097).
-    bfloat16 / float16 stay on PyTorch's kernel: ours widens them to float32, no faster than PyTorch's bfloat16
+    bfloat16 where MKL's bfloat16 GEMM runs on AMX tiles (:func:`vqkernels._backend.cpu_has_bf16_gemm`): the
+    kernel's GEMMs take bfloat16 operands (see benchmarks/results for the measured rates). Elsewhere bfloat16
+    and float16 stay on PyTorch's kernel: ours would widen them to float32, no faster than PyTorch's bfloat16
     forward + float32 backward (413 against 433 ms at (4, 16, 1024, 64), one thread; 43 against 43 at
-    (8, 8, 256, 64)). Without AVX-512 (portable loops, unmeasured) PyTorch's kernel stays too."""
-    return (q.dtype == torch.float32 and _backend.has_cpu_kernels() and _backend.cpu_has_avx512()
-            and os.environ.get("VQKERNELS_CPU_NO_FLASH", "0") in ("", "0"))
+    (8, 8, 256, 64)); a CPU with avx512_bf16 but no AMX (Zen 4) is unmeasured. Without AVX-512 (portable loops,
+    unmeasured) PyTorch's kernel stays too."""
+    if os.environ.get("VQKERNELS_CPU_NO_FLASH", "0") not in ("", "0"):
+        return False
+    if q.dtype == torch.float32:
+        return _backend.has_cpu_kernels() and _backend.cpu_has_avx512()
+    return q.dtype == torch.bfloat16 and _backend.has_cpu_kernels() and _backend.cpu_has_bf16_gemm()
 
 
 def _cpu_fwd(q, k, v, causal, scale):
