@@ -562,10 +562,19 @@ def test_cpu_backend_runs_flash_kernel_for_float32():
     k = make((1, 1, 70, 64), torch.float32, "cpu", seed=32)
     assert _cpu_flash(q) and not _cpu_flash(q.half()) and not _cpu_flash(q.double())
     assert _cpu_flash(q.bfloat16()) == _backend.cpu_has_bf16_gemm()
-    for t, s in ((q, k), (q.bfloat16(), k.bfloat16())):
-        if _cpu_flash(t):
-            out = causal_attention(t, s, s, backend="cpu")
-            assert torch.equal(out, torch.ops.vqkernels_C.attention_fwd(t, s, s, True, 0.125)[0])
+    out = causal_attention(q, k, k, backend="cpu")
+    assert torch.equal(out, torch.ops.vqkernels_C.attention_fwd(q, k, k, True, 0.125)[0])
+    # the gradients are our kernel's backward of the op's forward (bfloat16: PyTorch's forward, ours backward)
+    go = make((1, 2, 65, 64), torch.float32, "cpu", seed=33)
+    for t, s, g in ((q, k, go), (q.bfloat16(), k.bfloat16(), go.bfloat16())):
+        if not _cpu_flash(t):
+            continue
+        t, s = t.clone().requires_grad_(), s.clone().requires_grad_()
+        out, lse = attention_with_lse(t, s, s, causal=True, backend="cpu")
+        dq, dk = torch.autograd.grad(out, (t, s), g)
+        want = torch.ops.vqkernels_C.attention_bwd(g, t.detach(), s.detach(), s.detach(), out.detach(), lse.detach(),
+                                                   True, 0.125)
+        assert torch.equal(dq, want[0]) and torch.equal(dk, want[1] + want[2])
 
 
 @pytest.mark.parametrize("switch", ["VQKERNELS_CPU_NO_AVX512", "VQKERNELS_CPU_NO_MKL"])

@@ -21,8 +21,9 @@ op as a string.
 
 Backends:
 - ``torch``: reference.py, any device and dtype (float64 too), any Dh, chunked over queries.
-- ``cpu``: float32 on a CPU with AVX-512 (and _C built): our C++ flash attention, forward and backward
-  (csrc/cpu/attention_flash.cpp; ~1.5x PyTorch's kernel at the benchmark sizes, see :func:`_cpu_flash`).
+- ``cpu``: float32 on a CPU with AVX-512, and bfloat16 on one with AMX-BF16 where MKL's bfloat16 GEMM is in the
+  process (and _C built): our C++ flash attention, forward and backward (csrc/cpu/attention_flash.cpp; 1.3-2x
+  PyTorch's kernel at the benchmark sizes, see :func:`_cpu_flash`).
   Otherwise forward and backward through PyTorch's own CPU flash-attention kernel
   (``aten::_scaled_dot_product_flash_attention_for_cpu`` and its backward), which is top-left causal: this
   module makes it compute our function (rows that see no key are cut off, bottom-right masks for Tq < Tk
@@ -204,7 +205,9 @@ def _cpu_flash(q: torch.Tensor) -> bool:
     one thread (8, 8, 256, 64) 38 ms against PyTorch's 55 (minGPT 73), (4, 16, 1024, 64) 344 against 512 (minGPT
     1831); two threads 19.5 against 29 (minGPT 60) and 188 against 297 (minGPT 1097).
     bfloat16 where MKL's bfloat16 GEMM runs on AMX tiles (:func:`vqkernels._backend.cpu_has_bf16_gemm`): the
-    kernel's GEMMs take bfloat16 operands (see benchmarks/results for the measured rates). Elsewhere bfloat16
+    kernel's GEMMs take bfloat16 operands; the backward only (:func:`_cpu_flash_fwd`): PyTorch's bfloat16 forward
+    (oneDNN brgemm on AMX) is faster than ours (4.3 against 5.9 ms at (8, 8, 256, 64), one thread), our
+    backward much faster than its (fwd + bwd 22.9 against 46.6 ms; benchmarks/results/2026-11-26-*). Elsewhere bfloat16
     and float16 stay on PyTorch's kernel: ours would widen them to float32, no faster than PyTorch's bfloat16
     forward + float32 backward (413 against 433 ms at (4, 16, 1024, 64), one thread; 43 against 43 at
     (8, 8, 256, 64)); a CPU with avx512_bf16 but no AMX (Zen 4) is unmeasured. Without AVX-512 (portable loops,
@@ -216,8 +219,13 @@ def _cpu_flash(q: torch.Tensor) -> bool:
     return q.dtype == torch.bfloat16 and _backend.has_cpu_kernels() and _backend.cpu_has_bf16_gemm()
 
 
+def _cpu_flash_fwd(q: torch.Tensor) -> bool:
+    """Whether the cpu forward runs our kernel: as :func:`_cpu_flash`, float32 only (see there)."""
+    return q.dtype == torch.float32 and _cpu_flash(q)
+
+
 def _cpu_fwd(q, k, v, causal, scale):
-    if _cpu_flash(q):
+    if _cpu_flash_fwd(q):
         return torch.ops.vqkernels_C.attention_fwd(q, k, v, causal, scale)
     B, H, Tq, Dh = q.shape
     Tk = k.shape[2]
