@@ -1,8 +1,9 @@
 """Causal self-attention over the vqkernels attention ops, and the KV cache its generation writes into.
 
 - :class:`CausalSelfAttention`: minGPT's module (parameters ``key``, ``query``, ``value``, ``proj``), so a
-  taming-transformers / minGPT checkpoint loads into it; at run time the three input projections are one
-  matmul on their concatenated weights, and attention is :func:`vqkernels.ops.attention.causal_attention`
+  taming-transformers / minGPT checkpoint loads into it; in training the three input projections are three
+  GEMMs (no weight or gradient concatenation per step), in generation one on weights concatenated and packed
+  once (:func:`inference_weights`); attention is :func:`vqkernels.ops.attention.causal_attention`
   (training, prefill) or :func:`~vqkernels.ops.attention.attention_with_kv_cache` (decoding).
 - :class:`KVCache`: preallocated keys/values (B, Hkv, Tmax, Dh) and the int32 length of each sequence;
   ``append`` writes the new positions (the attention op itself only reads the cache).
@@ -192,7 +193,7 @@ class CausalSelfAttention(nn.Module):
         self.attn_drop = nn.Dropout(attn_pdrop)  # minGPT has it (no state); the dropout runs inside SDPA
         self.resid_drop = nn.Dropout(resid_pdrop)
         self.proj = Linear(n_embd, n_embd, bias=bias)
-        self._fused: PackedLinear | None = None  # prepared by fused_qkv(); None: concatenated on each call
+        self._fused: PackedLinear | None = None  # prepared by fused_qkv(); None: three projections
         self.register_load_state_dict_pre_hook(_accept_mingpt_mask)
 
     def extra_repr(self) -> str:
@@ -222,19 +223,17 @@ class CausalSelfAttention(nn.Module):
         finally:
             self._fused = None
 
-    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, T, C) -> (B, T, (H + 2 Hkv) hs), one matmul."""
-        if self._fused is None:
-            return F.linear(x, *self.qkv_weight())
-        return self._fused(x)
-
     # -- forward -------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
         H, Hkv, hs = self.n_head, self.n_kv_head, self.head_dim
-        qkv = self._qkv(x)  # (B, T, (H + 2 Hkv) hs)
-        q, k, v = qkv.split((H * hs, Hkv * hs, Hkv * hs), dim=-1)
+        if self._fused is None:
+            # three GEMMs, as minGPT: one on concatenated weights would copy the weights forward and concatenate
+            # the three gradients backward (a (B, T, (H + 2 Hkv) hs) copy per layer per step)
+            q, k, v = self.query(x), self.key(x), self.value(x)  # (B, T, H hs), (B, T, Hkv hs) x 2
+        else:
+            q, k, v = self._fused(x).split((H * hs, Hkv * hs, Hkv * hs), dim=-1)  # one GEMM, weights prepared once
         q = q.view(B, T, H, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, Hkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
         v = v.view(B, T, Hkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
