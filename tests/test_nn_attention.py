@@ -11,13 +11,18 @@ from vqkernels.nn import CausalSelfAttention, KVCache
 from vqkernels.nn.attention import Linear, inference_weights, mingpt_mask
 
 
-def _mingpt():
-    """taming's minGPT module; its `transformers.top_k_top_p_filtering` import needs a stand-in (tests only)."""
+@pytest.fixture
+def mingpt(monkeypatch):
+    """taming's minGPT module; its `transformers.top_k_top_p_filtering` import needs a stand-in, put in sys.modules
+    for this test only (monkeypatch takes it out again)."""
     pytest.importorskip("taming")  # absent on the GPU image: the comparisons skip there
-    if "transformers" not in sys.modules:
-        stub = types.ModuleType("transformers")
-        stub.top_k_top_p_filtering = lambda *a, **k: (_ for _ in ()).throw(NotImplementedError("test stand-in"))
-        sys.modules["transformers"] = stub
+    stub = types.ModuleType("transformers")
+
+    def _unused(*a, **k):
+        raise NotImplementedError("test stand-in for transformers.top_k_top_p_filtering")
+
+    stub.top_k_top_p_filtering = _unused
+    monkeypatch.setitem(sys.modules, "transformers", stub)
     from taming.modules.transformer import mingpt
 
     return mingpt
@@ -121,8 +126,7 @@ def test_n_unmasked_prefix(n_unmasked, T):
         assert not torch.allclose(attn(x2)[:, 0], attn(x)[:, 0])
 
 
-def test_same_function_and_keys_as_mingpt():
-    mingpt = _mingpt()
+def test_same_function_and_keys_as_mingpt(mingpt):
     cfg = mingpt.GPTConfig(50, 12, n_embd=24, n_head=3, attn_pdrop=0.0, resid_pdrop=0.0, n_unmasked=0)
     torch.manual_seed(1)
     ref = mingpt.CausalSelfAttention(cfg)
@@ -140,8 +144,7 @@ def test_same_function_and_keys_as_mingpt():
     torch.testing.assert_close(ours(x), ref(x)[0], atol=1e-5, rtol=1e-5)
 
 
-def test_mask_of_another_n_unmasked_is_refused():
-    mingpt = _mingpt()
+def test_mask_of_another_n_unmasked_is_refused(mingpt):
     cfg = mingpt.GPTConfig(50, 8, n_embd=16, n_head=2, attn_pdrop=0.0, resid_pdrop=0.0, n_unmasked=3)
     ref = mingpt.CausalSelfAttention(cfg)
     with pytest.raises(RuntimeError, match="n_unmasked = 0"):
