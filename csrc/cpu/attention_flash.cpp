@@ -341,6 +341,14 @@ float row_dot(const T* a, const T* b, int64_t n, bool avx, float* tmp) {
   }
 }
 
+// n float32 values into a row of float32, or of bfloat16 (rounded to nearest even).
+inline void store_row(char* dst, bool bf, const float* src, int64_t n, bool avx) {
+  if (bf)
+    VQK_ROW(avx, to_bf16, src, reinterpret_cast<bf16*>(dst), n);
+  else
+    std::memcpy(dst, src, sizeof(float) * n);
+}
+
 double task_work(const Problem& p) {  // multiply-adds of the whole problem (for the threading threshold)
   const double pairs = (double)p.Tq * p.Tk * (p.causal ? 0.5 : 1.0);
   return (double)p.B * p.H * pairs * p.Dh * 2.0;
@@ -456,11 +464,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_bwd_impl(const at::Tensor& 
   const int64_t B = p.B, H = p.H, Hkv = p.Hkv, G = p.G, Tq = p.Tq, Tk = p.Tk, Dh = p.Dh;
   const auto dt = q_in.scalar_type();
   const bool wide = dt != at::kFloat;
-  at::Tensor dq = bthd(B, H, Tq, Dh, at::kFloat, q_in.device());
-  // dk/dv: straight into the outputs when each kv head has one query head (fp32), else per query head.
+  // dk/dv: straight into the outputs when each kv head has one query head, else per query head (float32) and
+  // summed afterwards. Native bfloat16 rounds rows straight into bfloat16 outputs (dq always, dk/dv when direct):
+  // no float32 copies to allocate and narrow at the end. The accumulators stay float32 either way.
   const bool direct = G == 1;
-  at::Tensor dk = bthd(B, Hkv, Tk, Dh, at::kFloat, q_in.device());
-  at::Tensor dv = bthd(B, Hkv, Tk, Dh, at::kFloat, q_in.device());
+  constexpr bool kRound = std::is_same_v<T, bf16>;
+  const auto qt = kRound ? at::kBFloat16 : at::kFloat, kvt = kRound && direct ? at::kBFloat16 : at::kFloat;
+  at::Tensor dq = bthd(B, H, Tq, Dh, qt, q_in.device());
+  at::Tensor dk = bthd(B, Hkv, Tk, Dh, kvt, q_in.device());
+  at::Tensor dv = bthd(B, Hkv, Tk, Dh, kvt, q_in.device());
   at::Tensor dkh = direct ? dk : at::empty({B, H, Tk, Dh}, q_in.options().dtype(at::kFloat));
   at::Tensor dvh = direct ? dv : at::empty({B, H, Tk, Dh}, q_in.options().dtype(at::kFloat));
   const int64_t sdq[3] = {dq.stride(0), dq.stride(1), dq.stride(2)};
@@ -470,7 +482,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_bwd_impl(const at::Tensor& 
   const T *Q = q.data_ptr<T>(), *K = k.data_ptr<T>(), *V = v.data_ptr<T>();
   const T *dO = go.data_ptr<T>(), *Ot = o.data_ptr<T>();
   const float* LS = lse.data_ptr<float>();
-  float *dQ = dq.data_ptr<float>(), *dKh = dkh.data_ptr<float>(), *dVh = dvh.data_ptr<float>();
+  // Output rows by byte address: float32, or bfloat16 (rounded to nearest even by to_bf16).
+  char *dQ = static_cast<char*>(dq.data_ptr()), *dKh = static_cast<char*>(dkh.data_ptr());
+  char* dVh = static_cast<char*>(dvh.data_ptr());
+  const int64_t eq = dq.element_size(), ek = dkh.element_size();
+  const bool q_bf = dq.scalar_type() == at::kBFloat16, kv_bf = dkh.scalar_type() == at::kBFloat16;
   const bool avx = cpu::has_avx512();
   const int64_t chunk = kKeyChunk;
 
@@ -489,10 +505,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_bwd_impl(const at::Tensor& 
       const T* Vh = V + b * p.sv[0] + hk * p.sv[1];
       const T* dOh = dO + b * sdo[0] + h * sdo[1];
       const T* Oh = Ot + b * soo[0] + h * soo[1];
-      float* dQh = dQ + b * sdq[0] + h * sdq[1];
+      char* dQh = dQ + eq * (b * sdq[0] + h * sdq[1]);
       std::fill(dKa.begin(), dKa.end(), 0.f);
       std::fill(dVa.begin(), dVa.end(), 0.f);
-      for (int64_t i = 0; i < p.r0; ++i) std::fill_n(dQh + i * sdq[2], Dh, 0.f);
+      for (int64_t i = 0; i < p.r0; ++i) std::memset(dQh + eq * i * sdq[2], 0, eq * Dh);  // (0 bits: 0.0 in both)
       for (int64_t i0 = p.r0; i0 < Tq; i0 += kQueryBlock) {
         const int64_t i1 = std::min(Tq, i0 + kQueryBlock), m = i1 - i0;
         const T* Qb = Qh + i0 * p.sq[2];
@@ -519,14 +535,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_bwd_impl(const at::Tensor& 
           gemm_rm(false, false, m, Dh, n, p.scale, dSop, n, Kc, p.sk[2], j0 > 0 ? 1.f : 0.f, dQa.data(), Dh);
         }
         for (int64_t r = 0; r < m; ++r) {
-          float* dst = dQh + (i0 + r) * sdq[2];
-          if (ke > 0) std::memcpy(dst, dQa.data() + r * Dh, sizeof(float) * Dh);
-          else std::fill_n(dst, Dh, 0.f);
+          char* dst = dQh + eq * (i0 + r) * sdq[2];
+          if (ke == 0) std::memset(dst, 0, eq * Dh);
+          else store_row(dst, q_bf, dQa.data() + r * Dh, Dh, avx);
         }
       }
       for (int64_t j = 0; j < Tk; ++j) {
-        std::memcpy(dKh + b * sdk[0] + h * sdk[1] + j * sdk[2], dKa.data() + j * Dh, sizeof(float) * Dh);
-        std::memcpy(dVh + b * sdk[0] + h * sdk[1] + j * sdk[2], dVa.data() + j * Dh, sizeof(float) * Dh);
+        const int64_t off = ek * (b * sdk[0] + h * sdk[1] + j * sdk[2]);
+        store_row(dKh + off, kv_bf, dKa.data() + j * Dh, Dh, avx);
+        store_row(dVh + off, kv_bf, dVa.data() + j * Dh, Dh, avx);
       }
     }
   });
@@ -541,8 +558,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_bwd_impl(const at::Tensor& 
           float* ko = dKo + b * sk[0] + hk * sk[1] + j * sk[2];
           float* vo = dVo + b * sk[0] + hk * sk[1] + j * sk[2];
           for (int64_t g = 0; g < G; ++g) {
-            const float* ki = dKh + b * sdk[0] + (hk * G + g) * sdk[1] + j * sdk[2];
-            const float* vi = dVh + b * sdk[0] + (hk * G + g) * sdk[1] + j * sdk[2];
+            const float* ki = reinterpret_cast<const float*>(dKh) + b * sdk[0] + (hk * G + g) * sdk[1] + j * sdk[2];
+            const float* vi = reinterpret_cast<const float*>(dVh) + b * sdk[0] + (hk * G + g) * sdk[1] + j * sdk[2];
             if (g == 0) {
               std::memcpy(ko, ki, sizeof(float) * Dh);
               std::memcpy(vo, vi, sizeof(float) * Dh);
@@ -556,6 +573,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> flash_bwd_impl(const at::Tensor& 
   }
   if (wide) {
     auto narrow = [&](const at::Tensor& t) {
+      if (t.scalar_type() == dt) return t;  // (written in dt already)
       at::Tensor r = bthd(t.size(0), t.size(1), t.size(2), t.size(3), dt, t.device());
       r.copy_(t);
       return r;
