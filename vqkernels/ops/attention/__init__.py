@@ -207,7 +207,7 @@ def _cpu_flash(q: torch.Tensor) -> bool:
     bfloat16 where MKL's bfloat16 GEMM runs on AMX tiles (:func:`vqkernels._backend.cpu_has_bf16_gemm`): the
     kernel's GEMMs take bfloat16 operands; the backward only (:func:`_cpu_flash_fwd`): PyTorch's bfloat16 forward
     (oneDNN brgemm on AMX) is faster than ours (4.3 against 5.9 ms at (8, 8, 256, 64), one thread), our
-    backward much faster than its (fwd + bwd 22.9 against 46.6 ms; benchmarks/results/2026-11-26-*). Elsewhere bfloat16
+    backward much faster than its (fwd + bwd 15.4 against 40.9 ms; benchmarks/results/2026-11-26-*). Elsewhere bfloat16
     and float16 stay on PyTorch's kernel: ours would widen them to float32, no faster than PyTorch's bfloat16
     forward + float32 backward (413 against 433 ms at (4, 16, 1024, 64), one thread; 43 against 43 at
     (8, 8, 256, 64)); a CPU with avx512_bf16 but no AMX (Zen 4) is unmeasured. Without AVX-512 (portable loops,
