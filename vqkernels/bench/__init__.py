@@ -12,6 +12,8 @@ floor) and correctness check.
   taming-transformers.
 - :mod:`.gpt` -- GPT sampling and a training step, (batch, tokens, layers, heads, width, vocab), tokens/s;
   peers taming's minGPT samplers and Hugging Face transformers' GPT-2 generate.
+- :mod:`.linear` -- the few-row inference linear of a decoding step, (rows, width, layers), GB/s of weights read;
+  peers F.linear, addmm on transposed weights, MKL's packed linear.
 - :mod:`.runner` -- the command line (``vqkernels bench``, ``python benchmarks/run.py``); see its docstring for
   the modules that plan, measure, isolate, meter memory, stamp and report.
 
@@ -27,6 +29,7 @@ OPS = {
     "attention": "vqkernels.bench.attention",
     "vqgan": "vqkernels.bench.vqgan",
     "gpt": "vqkernels.bench.gpt",
+    "linear": "vqkernels.bench.linear",
 }
 # What `vqkernels bench` runs without --ops: the kernel suites, minutes on 2 cores. `--ops all` adds attention
 # and the models (a CPU run of the models' suites takes tens of minutes: taming's sampler recomputes the prefix).
