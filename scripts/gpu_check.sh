@@ -39,7 +39,7 @@ stage_what() {
     bench-search) echo "nearest_code and quantizer benchmarks (GPU sizes), peers from the carried wheelhouse" ;;
     bench-attention) echo "attention fwd and fwd+bwd (causal), bf16, Dh 64/128, T 256-8192: ours vs SDPA's flash, efficient, cuDNN backends" ;;
     bench-decode) echo "cached decoding (flash-decoding) vs SDPA over a preallocated cache with a mask: tokens/s, GB/s" ;;
-    bench-models) echo "VQGAN training step, GPT sampling and training step vs taming / HF generate" ;;
+    bench-models) echo "VQGAN training step, GPT sampling (eager and as a CUDA graph) and training step vs taming / HF generate" ;;
   esac
 }
 

@@ -103,6 +103,26 @@ def test_cached_decoding_is_graph_capturable(backend):
     torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
 
 
+def test_gpt_generate_as_a_cuda_graph_equals_eager():
+    """generate(cuda_graph=True): the decoding step captured once (no capture warning) and replayed per token gives
+    the tokens of the eager loop (greedy: no sampling noise; and sampled under one seed)."""
+    import warnings
+
+    from vqkernels.models.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=256, block_size=64, n_layer=3, n_head=4, n_embd=128, n_kv_head=2))
+    model = model.to("cuda")  # float32: the same kernels either way, so the same tokens
+    prompt = torch.randint(0, 256, (4, 3), device="cuda")
+    for kw in (dict(temperature=0.0), dict(top_k=20)):
+        eager = model.generate(prompt, 50, generator=torch.Generator("cuda").manual_seed(1), **kw)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a failed capture warns and decodes eagerly: that must not happen here
+            graphed = model.generate(prompt, 50, generator=torch.Generator("cuda").manual_seed(1), cuda_graph=True,
+                                     **kw)
+        assert torch.equal(graphed, eager), kw
+
+
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_nearest_code_rows_past_2_to_the_31_elements(backend):
     """N * D >= 2^31: every offset into x must be 64-bit. Checks a sample of rows, the last ones included."""

@@ -175,6 +175,37 @@ def test_cached_generation_with_unmasked_prefix():
         model.generate(prompt[:, :2], 4)
 
 
+@pytest.mark.parametrize("n_kv_head,prompt_len,sampling", [(None, 1, dict(top_k=8)), (2, 4, dict(top_p=0.9)),
+                                                           (1, 2, dict(temperature=0.0))])
+def test_device_position_decoding_equals_generate(n_kv_head, prompt_len, sampling):
+    # The loop that generate(cuda_graph=True) replays as a CUDA graph, run eagerly (the same step, positions
+    # held on the device): the same tokens as the host-position loop, and caches left at the right lengths.
+    from vqkernels.models.gpt import sample_next
+    from vqkernels.nn.attention import KVCache, inference_weights
+
+    model = _ours(10, n_kv_head=n_kv_head)
+    prompt = torch.randint(0, CFG["vocab_size"], (3, prompt_len))
+    n = CFG["block_size"] - prompt_len + 1
+    want = model.generate(prompt, n, generator=torch.Generator().manual_seed(9), **sampling)
+    B, T0 = prompt.shape
+    out = torch.empty((B, T0 + n), dtype=torch.int64)
+    out[:, :T0] = prompt
+    hs = CFG["n_embd"] // CFG["n_head"]
+    caches = [KVCache(B, n_kv_head or CFG["n_head"], T0 + n - 1, hs) for _ in model.blocks]
+    g = torch.Generator().manual_seed(9)
+    kw = dict(temperature=sampling.get("temperature", 1.0), top_k=sampling.get("top_k"), top_p=sampling.get("top_p"))
+    with torch.inference_mode(), inference_weights(model):
+        out[:, T0] = sample_next(model._forward_cached(out[:, :T0], 0, caches), generator=g, **kw)
+        model._decode_graphed(out, T0, n, caches, kw["temperature"], kw["top_k"], kw["top_p"], g, capture=False)
+    assert torch.equal(out, want)
+    assert all(c.lengths == [T0 + n - 1] * B and c.seqlens.tolist() == [T0 + n - 1] * B for c in caches)
+
+
+def test_cuda_graph_needs_cuda():
+    with pytest.raises(ValueError, match="cuda_graph=True needs the model on a CUDA device"):
+        _ours(11).generate(torch.zeros(1, 1, dtype=torch.long), 3, cuda_graph=True)
+
+
 def test_generation_deterministic_under_seed():
     model = _ours(8)
     prompt = torch.zeros(4, 1, dtype=torch.long)

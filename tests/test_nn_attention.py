@@ -240,3 +240,30 @@ def test_bad_arguments():
         CausalSelfAttention(32, 4, 3)
     with pytest.raises(ValueError, match="attn_pdrop"):
         CausalSelfAttention(32, 4, attn_pdrop=1.0)
+
+
+def test_kv_cache_device_position_writes_only_there():
+    # at_position: one position per append, at the device-held pos (advanced by the caller), lengths = pos + 1
+    cache = KVCache(2, 3, 8, 4)
+    cache.k.fill_(float("nan"))
+    cache.v.fill_(float("nan"))
+    cache.append(torch.zeros(2, 3, 2, 4), torch.zeros(2, 3, 2, 4))  # a prompt of 2, the usual way
+    pos = torch.tensor([2])
+    with cache.at_position(pos, 2):
+        for i in (2, 3, 4):
+            pos.fill_(i)
+            cache.append(torch.full((2, 3, 1, 4), float(i)), torch.full((2, 3, 1, 4), -float(i)))
+            assert cache.seqlens.tolist() == [i + 1, i + 1]
+        with pytest.raises(ValueError, match=r"\(B, Hkv, 1, Dh\)"):
+            cache.append(torch.zeros(2, 3, 2, 4), torch.zeros(2, 3, 2, 4))
+    assert cache.lengths == [2, 2]  # the host mirror is the caller's to set
+    cache.reset([5, 5])
+    for i in (2, 3, 4):
+        assert (cache.k[:, :, i] == i).all() and (cache.v[:, :, i] == -i).all()
+    assert (cache.k[:, :, :2] == 0).all() and torch.isnan(cache.k[:, :, 5:]).all()  # nothing else written
+    with pytest.raises(ValueError, match="int64 \\(1,\\) tensor"):
+        with cache.at_position(torch.tensor([1, 2]), 5):
+            pass
+    with pytest.raises(ValueError, match="every sequence must have length 4"):
+        with cache.at_position(torch.tensor([4]), 4):
+            pass

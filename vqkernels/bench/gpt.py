@@ -10,6 +10,8 @@ A size is (batch, tokens, n_layer, n_head, n_embd, vocab): ``tokens`` is the num
 Providers:
     vqkernels     ours: vqkernels.models.GPT.generate (prefill, then one cached step per token through
                   attention_with_kv_cache); train: GPT forward + backward
+    vqkernels-graph   (CUDA, sample) the same with generate(cuda_graph=True): the decoding step captured once as a
+                  CUDA graph and replayed per token (gpt-fast's way past the launch overhead)
     taming        taming.modules.transformer.mingpt.sample (recomputes the whole prefix every step); train:
                   minGPT's GPT forward + backward (explicit-mask attention)
     taming-past   taming's mingpt.sample_with_past (its KV cache: torch.cat of the past every step)
@@ -57,6 +59,7 @@ SIZES = {
     "quick": NamedSize(Size(2, 12, 2, 2, 32, 64), "smoke"),
 }
 SAMPLE_PROVIDERS = ("vqkernels", "taming", "taming-past", "hf-gpt2")
+CUDA_SAMPLE_PROVIDERS = ("vqkernels", "vqkernels-graph", "taming", "taming-past", "hf-gpt2")
 TRAIN_PROVIDERS = ("vqkernels", "taming", "hf-gpt2")
 
 
@@ -66,8 +69,11 @@ def default_cases(device: str, quick: bool = False, large: bool = False) -> list
         return [Case(S["quick"], "fp32", SAMPLE_PROVIDERS, "sample"), Case(S["quick"], "fp32", TRAIN_PROVIDERS, "train")]
     cases = [Case(S["cpu"], "fp32", SAMPLE_PROVIDERS, "sample"), Case(S["cpu"], "fp32", TRAIN_PROVIDERS, "train")]
     if device == "cuda":
-        cases += [Case(S["cpu"], "bf16", SAMPLE_PROVIDERS, "sample"), Case(S["cpu"], "bf16", TRAIN_PROVIDERS, "train")]
-        cases += [Case(S["imagenet"], d, ("vqkernels", "taming-past", "hf-gpt2"), "sample") for d in DTYPES]
+        cases = [Case(S["cpu"], "fp32", CUDA_SAMPLE_PROVIDERS, "sample"), Case(S["cpu"], "fp32", TRAIN_PROVIDERS, "train")]
+        cases += [Case(S["cpu"], "bf16", CUDA_SAMPLE_PROVIDERS, "sample"),
+                  Case(S["cpu"], "bf16", TRAIN_PROVIDERS, "train")]
+        cases += [Case(S["imagenet"], d, ("vqkernels", "vqkernels-graph", "taming-past", "hf-gpt2"), "sample")
+                  for d in DTYPES]
         cases += [Case(S["imagenet"], d, TRAIN_PROVIDERS, "train") for d in DTYPES]
     return cases
 
@@ -133,7 +139,8 @@ def _dtype_ctx(case: Case, device: str):
 def _build(which: str):
     def build(inp: Inputs, case: Case):
         device = inp.idx.device.type
-        model = {"vqkernels": _ours, "taming": _taming, "taming-past": _taming, "hf-gpt2": _hf}[which](case, device)
+        model = {"vqkernels": _ours, "vqkernels-graph": _ours, "taming": _taming, "taming-past": _taming,
+                 "hf-gpt2": _hf}[which](case, device)
         T = case.size.tokens
         top_k = min(TOP_K, case.size.vocab)
         if case.mode == "train":
@@ -157,10 +164,12 @@ def _build(which: str):
         if case.dtype == "bf16":
             model = model.to(torch.bfloat16)
         gen = torch.Generator(device=device).manual_seed(inp.seed)
-        if which == "vqkernels":
+        if which in ("vqkernels", "vqkernels-graph"):
+            graphed = which == "vqkernels-graph"
+
             def call():
                 with torch.no_grad():
-                    return model.generate(inp.idx, T, top_k=top_k, generator=gen)
+                    return model.generate(inp.idx, T, top_k=top_k, generator=gen, cuda_graph=graphed)
         elif which == "taming":
             from taming.modules.transformer.mingpt import sample
 
@@ -186,6 +195,14 @@ def _build(which: str):
         return call
 
     return build
+
+
+def _graph_reasons(case: Case, device: str):
+    if device != "cuda":
+        return ["CUDA graphs exist on CUDA devices only"]
+    if case.mode != "sample":
+        return [f"no {case.mode} mode (the graph is the decoding step)"]
+    return _ours_reasons(case, device)
 
 
 def _ours_reasons(case: Case, device: str):
@@ -236,6 +253,8 @@ def _hf_reasons(case: Case, device: str):
 PROVIDERS = {
     "vqkernels": Provider("vqkernels", "ours", "vqkernels.models.GPT: generate (KV cache) / forward + backward",
                           _build("vqkernels"), _ours_reasons),
+    "vqkernels-graph": Provider("vqkernels-graph", "ours", "vqkernels.models.GPT.generate(cuda_graph=True): the "
+                                "decoding step replayed as a CUDA graph", _build("vqkernels-graph"), _graph_reasons),
     "taming": Provider("taming", "peer", "taming's minGPT: mingpt.sample (recomputes the prefix) / forward + backward",
                        _build("taming"), _taming_reasons(MODES), isolated=True, child_path=standins_path),
     "taming-past": Provider("taming-past", "peer", "taming's mingpt.sample_with_past (torch.cat KV cache)",
@@ -257,7 +276,7 @@ class GPTSuite(Suite):
     metrics = (Metric("tokens_per_s", "tokens/s", lambda c: float(c.size.batch * c.size.tokens)),)
     providers = PROVIDERS
     cpu_providers = SAMPLE_PROVIDERS
-    cuda_providers = SAMPLE_PROVIDERS
+    cuda_providers = CUDA_SAMPLE_PROVIDERS
 
     def label(self, size):
         return f"b{size.batch} T{size.tokens} L{size.n_layer} H{size.n_head} C{size.n_embd} V{size.vocab}"
@@ -266,7 +285,8 @@ class GPTSuite(Suite):
         return default_cases(device, quick, large)
 
     def cases_for(self, sizes, dtypes, device):
-        return ([Case(s, d, SAMPLE_PROVIDERS, "sample") for s in sizes for d in dtypes]
+        sample = CUDA_SAMPLE_PROVIDERS if device == "cuda" else SAMPLE_PROVIDERS
+        return ([Case(s, d, sample, "sample") for s in sizes for d in dtypes]
                 + [Case(s, d, TRAIN_PROVIDERS, "train") for s in sizes for d in dtypes])
 
     def warmup_case(self, case):

@@ -12,8 +12,11 @@ with: given the same generator they draw the same tokens.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -187,12 +190,64 @@ class GPT(nn.Module):
             x = block(x, cache)
         return self.head(self.ln_f(x[:, -1, :]))  # (B, V): only the last position is sampled from
 
+    def _forward_at(self, tok: torch.Tensor, pos: torch.Tensor, caches: list[KVCache]) -> torch.Tensor:
+        """One decoding step with the position on the device (the caches in :meth:`KVCache.at_position` mode):
+        tok (B, 1) at position pos (int64 (1,)) -> logits (B, V). No host value: a CUDA graph can replay it."""
+        x = self.tok_emb(tok) + self.pos_emb[0].index_select(0, pos)  # (B, 1, C)
+        for block, cache in zip(self.blocks, caches):
+            x = block(x, cache)
+        return self.head(self.ln_f(x[:, -1, :]))  # (B, V)
+
+    def _decode_graphed(self, out, T0, max_new_tokens, caches, temperature, top_k, top_p, generator,
+                        capture: bool = True) -> None:
+        """The decoding loop of :meth:`generate` over device positions: the step captured as a CUDA graph (when
+        ``capture``; else run eagerly, the same step: how the CPU tests check it), replayed per token; sampling
+        outside it. out (B, T0 + max_new_tokens) gets the tokens."""
+        dev = out.device
+        tok = out[:, T0:T0 + 1].clone()  # (B, 1) static input
+        pos = torch.full((1,), T0, dtype=torch.int64, device=dev)  # static position
+        with contextlib.ExitStack() as stack:
+            for c in caches:
+                stack.enter_context(c.at_position(pos, T0))
+            step = functools.partial(self._forward_at, tok, pos, caches)
+            graph, logits = None, None
+            try:
+                if not capture:
+                    raise _NoCapture
+                # warm up on a side stream (the CUDA-graph docs' recipe), then capture; both write the same
+                # values at position T0 as the first replay will
+                side = torch.cuda.Stream(dev)
+                side.wait_stream(torch.cuda.current_stream(dev))
+                with torch.cuda.stream(side):
+                    step()
+                torch.cuda.current_stream(dev).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    logits = step()
+            except _NoCapture:
+                pass
+            except Exception as e:  # noqa: BLE001  (any capture failure: the eager step is the same function)
+                warnings.warn(f"GPT.generate: CUDA-graph capture failed ({type(e).__name__}: {e}); decoding "
+                              f"eagerly", RuntimeWarning, stacklevel=3)
+                graph = None
+            for i in range(T0, T0 + max_new_tokens - 1):
+                tok.copy_(out[:, i:i + 1])
+                pos.fill_(i)
+                if graph is not None:
+                    graph.replay()
+                else:
+                    logits = step()
+                out[:, i + 1] = sample_next(logits, temperature, top_k, top_p, generator)
+        end = T0 + max_new_tokens - 1
+        for c in caches:
+            c.reset([end] * c.batch)
+
     # -- sampling ------------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, cuda_graph: bool = False) -> torch.Tensor:
         """Continue each prompt of idx (B, T0) by max_new_tokens tokens -> (B, T0 + max_new_tokens).
 
         The prompt is prefilled once; each new token is then one step of every layer over its KV cache (no
@@ -204,12 +259,20 @@ class GPT(nn.Module):
         (0, 1]); both may be given (top-k first). Sampling draws through ``torch.multinomial(generator=...)``,
         so a seeded generator gives the same tokens every time, and the same as :func:`generate_reference`.
 
+        cuda_graph (CUDA only): run the decoding step (every layer, for one token) as a CUDA graph captured once
+        and replayed per token, as gpt-fast does, so that a step costs one launch instead of hundreds; the cache
+        is then written at a position held on the device (:meth:`KVCache.at_position`). Sampling stays outside
+        the graph, so the tokens are those of the eager path. If the capture fails, the run goes on eagerly
+        (with a warning). Off by default until the GPU check has run it (scripts/gpu_check.sh, bench-models).
+
         Timing goes to ``self.last_generate_stats`` (:class:`GenerateStats`: tokens/s, prefill and decode s).
         """
         self._check_idx(idx)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
         _check_sampling(temperature, top_k, top_p)
+        if cuda_graph and idx.device.type != "cuda":
+            raise ValueError(f"cuda_graph=True needs the model on a CUDA device, got {idx.device}")
         B, T0 = idx.shape
         if T0 < 1:
             raise ValueError("idx must hold a prompt of at least one token (e.g. a start-of-sequence token)")
@@ -242,9 +305,12 @@ class GPT(nn.Module):
                 out[:, T0] = sample_next(logits, temperature, top_k, top_p, generator)
                 _sync(idx.device)
                 t1 = time.perf_counter()
-                for i in range(T0, T0 + max_new_tokens - 1):
-                    logits = self._forward_cached(out[:, i:i + 1], i, caches)
-                    out[:, i + 1] = sample_next(logits, temperature, top_k, top_p, generator)
+                if cuda_graph and max_new_tokens > 1:
+                    self._decode_graphed(out, T0, max_new_tokens, caches, temperature, top_k, top_p, generator)
+                else:
+                    for i in range(T0, T0 + max_new_tokens - 1):
+                        logits = self._forward_cached(out[:, i:i + 1], i, caches)
+                        out[:, i + 1] = sample_next(logits, temperature, top_k, top_p, generator)
                 _sync(idx.device)
                 t2 = time.perf_counter()
         finally:
@@ -253,6 +319,10 @@ class GPT(nn.Module):
         stats.tokens_per_s = stats.tokens / max(t2 - ts, 1e-12)
         self.last_generate_stats = stats
         return out
+
+
+class _NoCapture(Exception):
+    """_decode_graphed was asked to run the step eagerly."""
 
 
 def _sync(device: torch.device) -> None:

@@ -84,6 +84,7 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)  # (B, Hkv, Tmax, Dh)
         self.seqlens = torch.zeros(batch, dtype=torch.int32, device=self.k.device)  # (B,)
         self._lens = [0] * batch  # host mirror of seqlens
+        self._pos: torch.Tensor | None = None  # device-position mode (see at_position)
 
     @property
     def batch(self) -> int:
@@ -114,9 +115,35 @@ class KVCache:
         self._lens = lens
         self.seqlens.copy_(torch.tensor(lens, dtype=torch.int32), non_blocking=True)
 
+    @contextlib.contextmanager
+    def at_position(self, pos: torch.Tensor, length: int):
+        """Device-position mode, for a decoding step replayed as a CUDA graph: within this context ``append``
+        takes one position per call and writes it at ``pos`` (an int64 (1,) tensor on the cache's device that
+        the caller advances between calls: no host value enters the step), and sets every length to pos + 1.
+        Every sequence must have the same length, ``length``, on entry. The host mirror (:attr:`lengths`) stays at
+        ``length`` inside the context; the caller sets the final lengths with :meth:`reset` after it."""
+        if pos.dtype != torch.int64 or tuple(pos.shape) != (1,) or pos.device != self.k.device:
+            raise ValueError(f"KVCache.at_position: pos must be an int64 (1,) tensor on {self.k.device}, got "
+                             f"{pos.dtype} {tuple(pos.shape)} on {pos.device}")
+        if any(n != length for n in self._lens):
+            raise ValueError(f"KVCache.at_position: every sequence must have length {length}, got {self._lens}")
+        self._pos = pos
+        try:
+            yield self
+        finally:
+            self._pos = None
+
     def append(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
         """Write k_new, v_new (B, Hkv, T, Dh) at positions [len_b, len_b + T) of each sequence b; lengths += T."""
         B, Hkv, Tmax, Dh = self.k.shape
+        if self._pos is not None:  # device-position mode: one position, at pos, every length = pos + 1
+            if k_new.shape != (B, Hkv, 1, Dh) or v_new.shape != (B, Hkv, 1, Dh):
+                raise ValueError(f"KVCache.append: at a device position k_new and v_new must be (B, Hkv, 1, Dh) = "
+                                 f"({B}, {Hkv}, 1, {Dh}), got {tuple(k_new.shape)} and {tuple(v_new.shape)}")
+            self.k.index_copy_(2, self._pos, k_new.to(self.k.dtype))
+            self.v.index_copy_(2, self._pos, v_new.to(self.v.dtype))
+            self.seqlens.copy_((self._pos + 1).to(torch.int32).expand(B))
+            return
         for name, t in (("k_new", k_new), ("v_new", v_new)):
             if t.dim() != 4 or t.shape[0] != B or t.shape[1] != Hkv or t.shape[3] != Dh:
                 raise ValueError(f"KVCache.append: {name} must be (B, Hkv, T, Dh) = ({B}, {Hkv}, T, {Dh}), "
