@@ -161,18 +161,21 @@ def _rescores_per_row(x, cb):
     return (after["rescored"] - before["rescored"]) / x.shape[0]
 
 
-@pytest.mark.parametrize("screen,most", [("int8", 2.75), ("bf16", 11.0)])
-def test_screen_rescoring_stays_rare_on_random_codes(screen, most, monkeypatch):
+@pytest.mark.parametrize("screen,measured", [("int8", 2.115), ("bf16", 8.445)])
+def test_screen_rescoring_stays_rare_on_random_codes(screen, measured, monkeypatch):
     """The bound is tight enough to be useful: a handful of exact rescores per row, not K. The count is
-    deterministic (fixed data, fixed row groups), measured 2.12 (int8) and 8.45 (bf16); the ceilings are
-    ~1.3x that: the int8 bound with its group widths loosened 1.5x rescores 2.98 per row and fails.
-    Above 1: some rows need more than their one winner rescored (a counter of rows, not rescores, fails).
+    deterministic (fixed data, fixed row groups): 2.115 (int8) and 8.445 (bf16) rescores per row, the same on
+    an AMD Zen 4 and an Intel Sapphire Rapids. The test holds it within 10% of that, both ways:
+    - looser: the int8 bound with its group widths loosened 1.5x rescores 2.98 per row and fails;
+    - tighter: a bound that prunes more than the measured one has become unsafe somewhere (or a counter of
+      rows rather than rescores, 1.0, is counting) and fails too.
+    A deliberate change of the screen moves these numbers: re-measure them then.
     Control: codes in tight clusters, where the bound cannot separate a cluster's codes, rescore many more
     (int8 16, bf16 69), so the counter counts rescores."""
     use_screen(screen, monkeypatch)
     x, cb = make_inputs(512, 1024, 256, torch.float32, "cpu", seed=5)
     random_rate = _rescores_per_row(x, cb)
-    assert 1 < random_rate < most, random_rate
+    assert 0.9 * measured <= random_rate <= 1.1 * measured, (random_rate, measured)
     xc, cbc = _adversarial("clusters", 512, 1024, 256, seed=5)
     cluster_rate = _rescores_per_row(xc, cbc)
     assert cluster_rate > 3 * random_rate, (cluster_rate, random_rate)
