@@ -44,17 +44,44 @@ def _nvidia_tools():
     return str(cuobjdump), None
 
 
-# The child process: compiles a slice of the job list and prints one JSON line per kernel.
-_CHILD = textwrap.dedent(r'''
+# What both children share: the set-up before their job lists, and the loop that compiles this worker's share of
+# the jobs (name, fn, signature, constexprs, attrs, options), printing one JSON line of resource usage for each.
+_CHILD_SETUP = textwrap.dedent(r'''
     import json, os, re, subprocess, sys, tempfile
     os.environ.pop("TRITON_INTERPRET", None)
     import torch, triton
     from triton.backends.compiler import GPUTarget
-    from vqkernels.ops.nearest_code import triton as T
 
     cuobjdump, worker, nworkers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
     target = GPUTarget("cuda", 90, 32)
+''')
+_CHILD_COMPILE = r'''
+for j, (name, fn, sig, consts, attrs, options) in enumerate(jobs):
+    if j % nworkers != worker:
+        continue
+    k = triton.compile(triton.compiler.ASTSource(fn, signature=sig, constexprs=consts, attrs=attrs),
+                       target=target, options=options)
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(k.asm["cubin"])
+    try:
+        out = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
+                             text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+    usage = {}
+    for line in out.splitlines():
+        if "REG:" in line:
+            usage = {m.group(1): int(m.group(2)) for m in re.finditer(r"(\w+(?:\[\d+\])?):(\d+)", line)}
+            break
+    print(json.dumps({"name": name, "reg": usage.get("REG"), "stack": usage.get("STACK"),
+                      "local": usage.get("LOCAL"), "shared": k.metadata.shared,
+                      "wgmma": "wgmma" in k.asm["ptx"]}), flush=True)
+'''
+
+
+_CHILD = _CHILD_SETUP + textwrap.dedent(r'''
+    from vqkernels.ops.nearest_code import triton as T
 
     def div16(idxs):
         return {(i,): [["tt.divisibility", 16]] for i in idxs}
@@ -100,31 +127,12 @@ _CHILD = textwrap.dedent(r'''
         jobs.append((f"{kname} {consts} warps={warps} stages={stages}", fn, sig, consts, div16(
             i for i, a in enumerate(fn.arg_names) if a.endswith("_ptr")), {"num_warps": warps, "num_stages": stages}))
 
-    for j, (name, fn, sig, consts, attrs, options) in enumerate(jobs):
-        if j % nworkers != worker:
-            continue
-        k = triton.compile(triton.compiler.ASTSource(fn, signature=sig, constexprs=consts, attrs=attrs),
-                           target=target, options=options)
-        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-            f.write(k.asm["cubin"])
-        try:
-            out = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
-                                 text=True, check=True).stdout
-        finally:
-            os.unlink(f.name)
-        usage = {}
-        for line in out.splitlines():
-            if "REG:" in line:
-                usage = {m.group(1): int(m.group(2)) for m in re.finditer(r"(\w+(?:\[\d+\])?):(\d+)", line)}
-                break
-        print(json.dumps({"name": name, "reg": usage.get("REG"), "stack": usage.get("STACK"),
-                          "local": usage.get("LOCAL"), "shared": k.metadata.shared,
-                          "wgmma": "wgmma" in k.asm["ptx"]}), flush=True)
-''')
+''') + _CHILD_COMPILE
 
 
-@pytest.fixture(scope="module")
-def sm90_report():
+def _compile_report(child: str, what: str, width: int) -> list[dict]:
+    """Run ``child`` on 2 worker processes (each compiles its share of the jobs for sm_90) and return their rows,
+    sorted by name; skips without the NVIDIA tools, fails with the child's stderr when a compile fails."""
     cuobjdump, reason = _nvidia_tools()
     if reason:
         pytest.skip(reason)
@@ -132,21 +140,26 @@ def sm90_report():
     env.pop("TRITON_INTERPRET", None)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     nworkers = 2
-    procs = [subprocess.Popen([sys.executable, "-c", _CHILD, cuobjdump, str(w), str(nworkers)], cwd=ROOT, env=env,
+    procs = [subprocess.Popen([sys.executable, "-c", child, cuobjdump, str(w), str(nworkers)], cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for w in range(nworkers)]
     rows = []
     for p in procs:
         out, err = p.communicate(timeout=600)
         if p.returncode != 0:
-            pytest.fail(f"compiling for sm_90 failed (exit {p.returncode}):\n{err[-4000:]}")
+            pytest.fail(f"compiling {what} for sm_90 failed (exit {p.returncode}):\n{err[-4000:]}")
         rows += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     rows.sort(key=lambda r: r["name"])
-    print("\nnearest_code Triton kernels at sm_90 (registers/thread, stack bytes, shared bytes):")
+    print(f"\n{what} at sm_90 (registers/thread, stack bytes, shared bytes):")
     for r in rows:
-        print(f"  {r['name']:107s} reg={r['reg']:<4} stack={r['stack']:<4} local={r['local']:<4} "
+        print(f"  {r['name']:{width}s} reg={r['reg']:<4} stack={r['stack']:<4} local={r['local']:<4} "
               f"shared={r['shared']}")
     return rows
+
+
+@pytest.fixture(scope="module")
+def sm90_report():
+    return _compile_report(_CHILD, "the nearest_code Triton kernels", 107)
 
 
 def test_every_shipped_config_compiles_for_sm90(sm90_report):
@@ -182,20 +195,12 @@ def test_half_precision_uses_tensor_cores(sm90_report):
 # the runtime would specialise it (16-byte aligned pointers, strides divisible by 16: a contiguous or
 # fused-qkv layout at the fast head dims; only the last dim is unit stride), plus the helper kernels.
 
-_ATTN_CHILD = textwrap.dedent(r'''
-    import json, os, re, subprocess, sys, tempfile
-    os.environ.pop("TRITON_INTERPRET", None)
-    import torch, triton
-    from triton.backends.compiler import GPUTarget
+_ATTN_CHILD = _CHILD_SETUP + textwrap.dedent(r'''
     from vqkernels.ops.attention import triton as A
-
-    cuobjdump, worker, nworkers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
     FP32_PTRS = ("lse_ptr", "delta_ptr", "part_o_ptr", "part_lse_ptr")
     KERNELS = {"fwd": A._attention_fwd_kernel, "bwd_dkdv": A._attention_bwd_dkdv_kernel,
                "bwd_dq": A._attention_bwd_dq_kernel, "decode": A._attention_decode_kernel,
                "decode_wide": A._attention_decode_kernel}
-    target = GPUTarget("cuda", 90, 32)
 
     def signature(fn, dtype, consts, head_dim):
         sig, attrs = {}, {}
@@ -232,53 +237,12 @@ _ATTN_CHILD = textwrap.dedent(r'''
         jobs.append((f"{kname} {str(dtype)[6:]} {consts} warps={warps}", fn, sig, consts, attrs,
                      {"num_warps": warps, "num_stages": stages}))
 
-    for j, (name, fn, sig, consts, attrs, options) in enumerate(jobs):
-        if j % nworkers != worker:
-            continue
-        k = triton.compile(triton.compiler.ASTSource(fn, signature=sig, constexprs=consts, attrs=attrs),
-                           target=target, options=options)
-        with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-            f.write(k.asm["cubin"])
-        try:
-            out = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True,
-                                 text=True, check=True).stdout
-        finally:
-            os.unlink(f.name)
-        usage = {}
-        for line in out.splitlines():
-            if "REG:" in line:
-                usage = {m.group(1): int(m.group(2)) for m in re.finditer(r"(\w+(?:\[\d+\])?):(\d+)", line)}
-                break
-        print(json.dumps({"name": name, "reg": usage.get("REG"), "stack": usage.get("STACK"),
-                          "local": usage.get("LOCAL"), "shared": k.metadata.shared,
-                          "wgmma": "wgmma" in k.asm["ptx"]}), flush=True)
-''')
+''') + _CHILD_COMPILE
 
 
 @pytest.fixture(scope="module")
 def attention_sm90_report():
-    cuobjdump, reason = _nvidia_tools()
-    if reason:
-        pytest.skip(reason)
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    nworkers = 2
-    procs = [subprocess.Popen([sys.executable, "-c", _ATTN_CHILD, cuobjdump, str(w), str(nworkers)], cwd=ROOT,
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for w in range(nworkers)]
-    rows = []
-    for p in procs:
-        out, err = p.communicate(timeout=600)
-        if p.returncode != 0:
-            pytest.fail(f"compiling the attention kernels for sm_90 failed (exit {p.returncode}):\n{err[-4000:]}")
-        rows += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-    rows.sort(key=lambda r: r["name"])
-    print("\nattention Triton kernels at sm_90 (registers/thread, stack bytes, shared bytes):")
-    for r in rows:
-        print(f"  {r['name']:80s} reg={r['reg']:<4} stack={r['stack']:<4} local={r['local']:<4} "
-              f"shared={r['shared']}")
-    return rows
+    return _compile_report(_ATTN_CHILD, "the attention Triton kernels", 80)
 
 
 def test_attention_every_config_compiles_for_sm90(attention_sm90_report):
