@@ -422,26 +422,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(pg, "gpt")
     pg.set_defaults(func=_cmd_train_gpt)
 
-    pr = sub.add_parser("reconstruct", help="images through the VQGAN; prints each image's PSNR")
-    pr.add_argument("--checkpoint", required=True, metavar="DIR", help="a train-vqgan run folder or a VQModel folder")
-    pr.add_argument("--out", required=True, metavar="DIR", help="where the reconstructions go (same file names, .png)")
-    pr.add_argument("--device", default="auto")
-    pr.add_argument("images", nargs="+", metavar="IMAGE")
-    pr.set_defaults(func=_cmd_reconstruct)
+    def vqgan_files_command(name, help, func, inputs, metavar, checkpoint_help=None, out_help=None):
+        """A VQGAN command over files: --checkpoint DIR, --out DIR, --device, then the input files."""
+        pf = sub.add_parser(name, help=help)
+        pf.add_argument("--checkpoint", required=True, metavar="DIR", help=checkpoint_help)
+        pf.add_argument("--out", required=True, metavar="DIR", help=out_help)
+        pf.add_argument("--device", default="auto")
+        pf.add_argument(inputs, nargs="+", metavar=metavar)
+        pf.set_defaults(func=func)
 
-    pe = sub.add_parser("encode", help="images -> code indices (<name>.npy, an (h, w) int64 array)")
-    pe.add_argument("--checkpoint", required=True, metavar="DIR")
-    pe.add_argument("--out", required=True, metavar="DIR")
-    pe.add_argument("--device", default="auto")
-    pe.add_argument("images", nargs="+", metavar="IMAGE")
-    pe.set_defaults(func=_cmd_encode)
-
-    pc = sub.add_parser("decode", help="code indices (.npy, (h, w)) -> images (<name>.png)")
-    pc.add_argument("--checkpoint", required=True, metavar="DIR")
-    pc.add_argument("--out", required=True, metavar="DIR")
-    pc.add_argument("--device", default="auto")
-    pc.add_argument("codes", nargs="+", metavar="CODES.npy")
-    pc.set_defaults(func=_cmd_decode)
+    vqgan_files_command("reconstruct", "images through the VQGAN; prints each image's PSNR", _cmd_reconstruct,
+                        "images", "IMAGE", checkpoint_help="a train-vqgan run folder or a VQModel folder",
+                        out_help="where the reconstructions go (same file names, .png)")
+    vqgan_files_command("encode", "images -> code indices (<name>.npy, an (h, w) int64 array)", _cmd_encode,
+                        "images", "IMAGE")
+    vqgan_files_command("decode", "code indices (.npy, (h, w)) -> images (<name>.png)", _cmd_decode,
+                        "codes", "CODES.npy")
 
     ps = sub.add_parser("sample", help="images sampled from a trained GPT + VQGAN")
     ps.add_argument("--checkpoint", required=True, metavar="DIR", help="a train-gpt run folder (or the demo's gpt/)")
