@@ -798,15 +798,20 @@ def _vqgan_trainer_state(step, opt_g, opt_d, sch_g, sch_d, d):
             "scheduler_g": sch_g.state_dict(), "scheduler_d": sch_d.state_dict(), "rng": _gather_rng(d)}
 
 
+def _in_run(loop, cfg, resume, overwrite, progress, echo) -> dict:
+    """Set up the run (folder, process group, device), run ``loop`` in it, and always finish it."""
+    d, device = _setup(cfg, resume, overwrite)
+    try:
+        return loop(cfg, resume, overwrite, progress, echo, d, device)
+    finally:
+        _finish(d)
+
+
 def train_vqgan(cfg: VQGANTrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
                 echo=print) -> dict:
     """Train the first stage (see the module doc). Returns a summary: steps done, whether interrupted,
     wall time, images/s, the last logged losses, and the run folder's newest checkpoint."""
-    d, device = _setup(cfg, resume, overwrite)
-    try:
-        return _train_vqgan(cfg, resume, overwrite, progress, echo, d, device)
-    finally:
-        _finish(d)
+    return _in_run(_train_vqgan, cfg, resume, overwrite, progress, echo)
 
 
 def _train_vqgan(cfg, resume, overwrite, progress, echo, d, device):
@@ -997,11 +1002,7 @@ def train_gpt(cfg: GPTTrainConfig, *, resume: bool = False, overwrite: bool = Fa
     Returns a summary as :func:`train_vqgan` does, with the held-out validation loss when there is a split."""
     if not cfg.vqgan:
         raise TrainError("train-gpt needs the first stage: --vqgan DIR (a train-vqgan run or a VQModel folder)")
-    d, device = _setup(cfg, resume, overwrite)
-    try:
-        return _train_gpt(cfg, resume, overwrite, progress, echo, d, device)
-    finally:
-        _finish(d)
+    return _in_run(_train_gpt, cfg, resume, overwrite, progress, echo)
 
 
 def _train_gpt(cfg, resume, overwrite, progress, echo, d, device):

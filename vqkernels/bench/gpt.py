@@ -36,7 +36,7 @@ import torch
 
 from .nearest_code import device_reasons
 from .protocol import Case, Metric, NamedSize, Provider, Suite
-from .vqgan import standins_path, taming_reasons
+from .vqgan import importable_reasons, standins_path, taming_reasons
 
 OP = "gpt"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -206,14 +206,7 @@ def _graph_reasons(case: Case, device: str):
 
 
 def _ours_reasons(case: Case, device: str):
-    r = device_reasons(device)
-    if r:
-        return r
-    try:
-        from ..models import gpt  # noqa: F401
-    except Exception as e:  # noqa: BLE001
-        return [f"vqkernels.models.gpt is not importable ({type(e).__name__}: {e})"]
-    return []
+    return importable_reasons(device, "vqkernels.models.gpt")
 
 
 def _taming_reasons(modes):

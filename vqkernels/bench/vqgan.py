@@ -230,15 +230,20 @@ def _build(which: str):
     return build
 
 
-def _ours_reasons(case: Case, device: str):
+def importable_reasons(device: str, module: str) -> list[str]:
+    """Why our provider cannot run here: the device is missing, or ``module`` (ours) does not import."""
     r = device_reasons(device)
     if r:
         return r
     try:
-        from .. import models  # noqa: F401
+        importlib.import_module(module)
     except Exception as e:  # noqa: BLE001
-        return [f"vqkernels.models is not importable ({type(e).__name__}: {e})"]
+        return [f"{module} is not importable ({type(e).__name__}: {e})"]
     return []
+
+
+def _ours_reasons(case: Case, device: str):
+    return importable_reasons(device, "vqkernels.models")
 
 
 def taming_reasons(case: Case, device: str) -> list[str]:
