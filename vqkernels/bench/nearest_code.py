@@ -329,7 +329,23 @@ def correct_fraction(x: torch.Tensor, cb: torch.Tensor, idx: torch.Tensor, ref_i
 # ---------------------------------------------------------------------------------------------
 # The suite
 
-class NearestCodeSuite(Suite):
+class NKDSuite(Suite):
+    """What the suites over N vectors of D against a codebook of K share (search, quantizer step): the inputs
+    (standard normal), the warm-up case and the memory estimate."""
+
+    def warmup_case(self, case):
+        N, K, D = case.size
+        return self.with_size(case, N=min(N, 64), K=min(K, 64))
+
+    def make_inputs(self, case, device, seed=0):
+        return make_inputs(*case.size, case.dtype, device, seed)
+
+    def estimate_bytes(self, provider, case):
+        N, K, _ = case.size
+        return nk_bytes(provider, N, K, case.dtype)
+
+
+class NearestCodeSuite(NKDSuite):
     op = OP
     title = "nearest_code"
     Size = Size
@@ -345,17 +361,6 @@ class NearestCodeSuite(Suite):
 
     def default_cases(self, device, quick=False, large=False):
         return default_cases(device, quick, large)
-
-    def warmup_case(self, case):
-        N, K, D = case.size
-        return self.with_size(case, N=min(N, 64), K=min(K, 64))
-
-    def make_inputs(self, case, device, seed=0):
-        return make_inputs(*case.size, case.dtype, device, seed)
-
-    def estimate_bytes(self, provider, case):
-        N, K, _ = case.size
-        return nk_bytes(provider, N, K, case.dtype)
 
     def reference(self, inputs, case):
         return reference_indices(*inputs)

@@ -35,9 +35,9 @@ from __future__ import annotations
 
 import torch
 
-from .nearest_code import Size, device_reasons, nk_bytes
+from .nearest_code import NKDSuite, Size, device_reasons
 from .nearest_code import flops as _search_flops
-from .protocol import Case, Metric, NamedSize, Provider, Suite, fmt_mem, fmt_time
+from .protocol import Case, Metric, NamedSize, Provider, fmt_mem, fmt_time
 
 OP = "quantizer"
 REFERENCE_PROVIDER = "taming"  # the indices every provider is compared with; its own output feeds the cache
@@ -85,13 +85,6 @@ def default_cases(device: str, quick: bool = False, large: bool = False) -> list
 def flops(N: int, K: int, D: int) -> float:
     """The search's GEMM (2*N*K*D), the same count as nearest_code's: the step's dominant work for the peers."""
     return _search_flops(N, K, D)
-
-
-def make_inputs(N: int, K: int, D: int, dtype: str, device: str, seed: int = 0):
-    """x (N, D) the encoder output's tokens, codebook (K, D), standard normal (the tests' factory)."""
-    from ..testing import make_inputs as _make
-
-    return _make(N, K, D, dtype_of(dtype), device, seed=seed)
 
 
 def grid(N: int) -> tuple[int, int, int]:
@@ -333,7 +326,7 @@ def format_table(rows, meta) -> str:
 # ---------------------------------------------------------------------------------------------
 # The suite
 
-class QuantizerSuite(Suite):
+class QuantizerSuite(NKDSuite):
     op = OP
     title = "quantizer training step"
     Size = Size
@@ -349,17 +342,6 @@ class QuantizerSuite(Suite):
 
     def default_cases(self, device, quick=False, large=False):
         return default_cases(device, quick, large)
-
-    def warmup_case(self, case):
-        N, K, D = case.size
-        return self.with_size(case, N=min(N, 64), K=min(K, 64))
-
-    def make_inputs(self, case, device, seed=0):
-        return make_inputs(*case.size, case.dtype, device, seed)
-
-    def estimate_bytes(self, provider, case):
-        N, K, _ = case.size
-        return nk_bytes(provider, N, K, case.dtype)
 
     def reference(self, inputs, case):
         return reference_indices(*inputs)
