@@ -221,6 +221,10 @@ def test_save_and_from_pretrained_roundtrip(tmp_path):
     files = sorted(os.listdir(tmp_path / "m"))
     assert "config.json" in files and "model.safetensors" in files
     assert not [f for f in files if f.endswith(".tmp")]
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in files:  # the mode a plain open() gives (mkstemp's 0600 would keep others who may read out)
+        assert os.stat(tmp_path / "m" / f).st_mode & 0o777 == 0o666 & ~umask, f
     back = VQModel.from_pretrained(tmp_path / "m")
     assert back.config == model.config and not back.training
     x = torch.rand(2, 3, 16, 16)

@@ -138,8 +138,14 @@ def test_sigint_saves_a_checkpoint_then_stops(tmp_path, monkeypatch):
     before = signal.getsignal(signal.SIGINT)
     s = T.train_vqgan(cfg, progress=False)
     assert s["interrupted"] and 3 <= s["steps"] < 50
-    assert T.checkpoint_dir(tmp_path / "run").name == f"step_{s['steps']:08d}"
+    ck = T.checkpoint_dir(tmp_path / "run")
+    assert ck.name == f"step_{s['steps']:08d}"
     assert signal.getsignal(signal.SIGINT) is before  # the handler is put back
+    umask = os.umask(0)
+    os.umask(umask)
+    assert ck.stat().st_mode & 0o777 == 0o777 & ~umask  # a folder as mkdir makes it (mkdtemp's is 0700)
+    for f in [*ck.iterdir(), tmp_path / "run" / "latest"]:
+        assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f
 
 
 # -- two CPU processes (gloo) against one process on the concatenated batch -------------------------

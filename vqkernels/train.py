@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 
 from .data import EMBEDDED_HELD_OUT, DataError, SeededBatches, default_workers, open_dataset
+from .models._checkpoint import usual_mode
 
 __all__ = [
     "TrainError", "VQGANTrainConfig", "GPTTrainConfig", "train_vqgan", "train_gpt", "resolve_config",
@@ -350,16 +351,9 @@ def _load_module_safetensors(module: torch.nn.Module, path: Path) -> None:
         raise TrainError(f"checkpoint file {path} does not match the model: {_first_line(e)}") from None
 
 
-def _usual_mode(path) -> None:
-    """mkstemp creates 0600 files; results get the mode a plain open() would give them (0666 minus umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
 def _atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
-    _usual_mode(tmp)
+    usual_mode(tmp)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -465,12 +459,15 @@ class _RunFolder:
             return self.ck_root
         name = f"step_{step:08d}"
         tmp = Path(tempfile.mkdtemp(dir=self.ck_root, prefix=f".{name}."))
+        usual_mode(tmp, directory=True)
         try:
             model.save_pretrained(str(tmp))
             for n, m in modules.items():
                 _save_module_safetensors(m, tmp / f"{n}.safetensors")
             torch.save(trainer_state, tmp / "trainer.pt")
             (tmp / "train_config.json").write_text(json.dumps(_config_json(config), indent=2) + "\n", encoding="utf-8")
+            for f in tmp.iterdir():  # (safetensors writes its files 0600)
+                usual_mode(f)
             final = self.ck_root / name
             if final.exists():  # the same step saved again (e.g. Ctrl-C right after a periodic save)
                 old = self.ck_root / f".{name}.old"
@@ -689,7 +686,7 @@ def _save_grid(path: Path, rows: list[torch.Tensor], nrow: int) -> None:
     x = torch.cat([r.detach().float().cpu() for r in rows]).clamp(-1, 1) * 0.5 + 0.5
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".png")
     os.close(fd)
-    _usual_mode(tmp)
+    usual_mode(tmp)
     try:
         save_image(x, tmp, nrow=nrow, padding=2, pad_value=1.0)
         os.replace(tmp, path)

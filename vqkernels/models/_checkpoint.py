@@ -139,6 +139,14 @@ def check_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tens
         + part("with another shape", mismatched))
 
 
+def usual_mode(path, directory: bool = False) -> None:
+    """mkstemp / mkdtemp create 0600 files and 0700 folders; what we write gets the mode a plain open() / mkdir
+    would give it (0666 / 0777 minus the umask), so that others who may read the user's files can read ours."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_write(path, mode: str = "wb"):
     """Open a temporary file next to ``path`` for writing; on success it replaces ``path`` in one step
@@ -146,6 +154,7 @@ def atomic_write(path, mode: str = "wb"):
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    usual_mode(tmp)
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -168,6 +177,7 @@ def save_safetensors_atomic(model: torch.nn.Module, path, metadata: dict[str, st
     os.close(fd)
     try:
         save_model(model, tmp, metadata=metadata)
+        usual_mode(tmp)  # (after: safetensors writes a new file at tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
