@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 
 from .data import EMBEDDED_HELD_OUT, DataError, SeededBatches, default_workers, open_dataset
-from .models._checkpoint import usual_mode
+from .models._checkpoint import atomic_path, atomic_write, usual_mode
 
 __all__ = [
     "TrainError", "VQGANTrainConfig", "GPTTrainConfig", "train_vqgan", "train_gpt", "resolve_config",
@@ -352,18 +352,8 @@ def _load_module_safetensors(module: torch.nn.Module, path: Path) -> None:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
-    usual_mode(tmp)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def _rng_state() -> dict:
@@ -684,16 +674,8 @@ def _save_grid(path: Path, rows: list[torch.Tensor], nrow: int) -> None:
     from torchvision.utils import save_image
 
     x = torch.cat([r.detach().float().cpu() for r in rows]).clamp(-1, 1) * 0.5 + 0.5
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".png")
-    os.close(fd)
-    usual_mode(tmp)
-    try:
+    with atomic_path(path, suffix=".png") as tmp:  # (save_image picks the format from the extension)
         save_image(x, tmp, nrow=nrow, padding=2, pad_value=1.0)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 class _Progress:

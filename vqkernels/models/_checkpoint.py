@@ -5,7 +5,8 @@
 - :func:`load_yaml_config`: a taming-style YAML (``model: {target, params}``), a path or a dict.
 - :func:`select_prefix` / :func:`check_state_dict`: pick a sub-state-dict, and compare it with a model's
   keys and shapes, raising an error that lists the first few problems.
-- :func:`atomic_write`: write through a temporary file in the same folder, then ``os.replace``;
+- :func:`atomic_path` / :func:`atomic_write`: write through a temporary file in the same folder, then
+  ``os.replace`` (with the mode a plain open() gives, :func:`usual_mode`);
   :func:`save_safetensors_atomic` / :func:`load_safetensors_into` for a module's weights (strict on load).
 - :class:`PretrainedMixin`: ``save_pretrained(dir)`` / ``from_pretrained(dir_or_repo)`` as
   ``config.json`` + ``model.safetensors`` (huggingface_hub's ``PyTorchModelHubMixin``), for a model whose
@@ -27,7 +28,7 @@ import torch
 
 __all__ = [
     "CheckpointError", "load_torch_checkpoint", "load_yaml_config", "select_prefix", "check_state_dict",
-    "atomic_write", "save_safetensors_atomic", "load_safetensors_into", "PretrainedMixin", "to_jsonable",
+    "atomic_path", "atomic_write", "usual_mode", "save_safetensors_atomic", "load_safetensors_into", "PretrainedMixin", "to_jsonable",
 ]
 
 _SHOW = 5  # how many problems of each kind an error lists
@@ -148,41 +149,41 @@ def usual_mode(path, directory: bool = False) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(path, mode: str = "wb"):
-    """Open a temporary file next to ``path`` for writing; on success it replaces ``path`` in one step
-    (``os.replace``), so a reader never sees a half-written file and a crash leaves the old one."""
+def atomic_path(path, suffix: str = ".tmp"):
+    """A temporary file name next to ``path`` (ending in ``suffix``, for writers that go by the extension) for
+    the caller to write; on success it gets the usual mode and replaces ``path`` in one step (``os.replace``),
+    so a reader never sees a half-written file and a crash leaves the old one; on failure it is removed."""
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    usual_mode(tmp)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=suffix)
+    os.close(fd)
     try:
-        with os.fdopen(fd, mode) as f:
+        yield tmp
+        usual_mode(tmp)  # (after writing: some writers, safetensors' among them, make a new 0600 file)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode: str = "wb", encoding: str | None = None):
+    """Open a file for writing that replaces ``path`` in one step when the block ends (see :func:`atomic_path`);
+    its contents are on disk (fsync) before the replace. ``encoding`` for text modes."""
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, encoding=encoding) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def save_safetensors_atomic(model: torch.nn.Module, path, metadata: dict[str, str] | None = None) -> None:
-    """``safetensors.torch.save_model`` (it de-duplicates tied weights) through :func:`atomic_write`."""
+    """``safetensors.torch.save_model`` (it de-duplicates tied weights) through :func:`atomic_path`."""
     from safetensors.torch import save_model
 
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_model(model, tmp, metadata=metadata)
-        usual_mode(tmp)  # (after: safetensors writes a new file at tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def load_safetensors_into(model: torch.nn.Module, path, *, map_location="cpu") -> None:
