@@ -105,3 +105,38 @@ def check_nearest(
                 f"{int(bad.sum())}/{N} distances are off; row {r}: returned {dv[r]:.9g}, exact {chosen[r]:.9g} "
                 f"(tolerance {tol[r]:.3g})"
             )
+
+
+# ---------------------------------------------------------------------------------------------
+# Deep float32 pipelines (a VQGAN, LPIPS, a GPT) against a peer's port of the same math
+
+def port_errors(ours: torch.Tensor, peer: torch.Tensor, truth: torch.Tensor) -> tuple[float, float]:
+    """(ours' error, the peer's own error) against ``truth``: the peer's math run in float64."""
+    t = truth.detach().double()
+    return ((ours.detach().double() - t).abs().max().item(), (peer.detach().double() - t).abs().max().item())
+
+
+def port_tolerance(peer_error: float, truth: torch.Tensor, dtype=torch.float32, *, factor: float = 2.0,
+                   floor_eps: float = 8.0, scale: float | None = None) -> float:
+    """What a faithful float32 port may be off by: ``factor`` times the peer's own float32 error against
+    the float64 truth, plus a floor of ``floor_eps`` roundoffs of the output's magnitude.
+
+    flash-attention's rule, applied to whole networks: both sides are float32 stacks whose summation order
+    follows the CPU's BLAS/oneDNN kernels (Intel and AMD differ), so an absolute bound checks the machine, not
+    the port. A port that computes other math (another GroupNorm eps, a missing residual) is off by far more
+    than the peer's own roundoff, and fails. ``scale`` replaces the output's magnitude in the floor where the
+    output is zero in exact arithmetic and only roundoff of larger terms (e.g. the whole gradient's) remains.
+    """
+    scale = truth.detach().abs().max().item() if scale is None else scale
+    return factor * peer_error + floor_eps * torch.finfo(dtype).eps * max(scale, 1e-30)
+
+
+def assert_port_close(ours: torch.Tensor, peer: torch.Tensor, truth: torch.Tensor, *, what: str = "output",
+                      factor: float = 2.0, floor_eps: float = 8.0, scale: float | None = None) -> tuple[float, float]:
+    """Assert :func:`port_tolerance`; returns (ours' error, the peer's error) for reports."""
+    assert ours.shape == truth.shape == peer.shape, f"{what}: shapes {ours.shape}, {peer.shape}, {truth.shape}"
+    e_ours, e_peer = port_errors(ours, peer, truth)
+    tol = port_tolerance(e_peer, truth, ours.dtype, factor=factor, floor_eps=floor_eps, scale=scale)
+    assert e_ours <= tol, (f"{what}: our error against the float64 truth is {e_ours:.3g}, above {tol:.3g} "
+                           f"({factor}x the peer's own float32 error {e_peer:.3g} + {floor_eps} eps of the output)")
+    return e_ours, e_peer
