@@ -1,7 +1,9 @@
-# The two commands of the quick start:
-#   make bench   set everything up (venv, torch, build of vqkernels._C) and run `vqkernels bench`
-#   make test    set everything up and run the tests
-# Everything lives in .venv; nothing is installed outside it.
+# make demo    set everything up (.venv, torch, the build of vqkernels._C) and run the demo (the README's quick start)
+# make test    the same set-up, then the tests (CI's .ci/run is this plus the GPU check's CPU rehearsal)
+# make bench   the same set-up, then the benchmark suites (python benchmarks/run.py $(BENCH_ARGS))
+# make info    what was built and which backend each op picks here
+# Everything lives in .venv; nothing is installed outside it. The extension's objects stay in build/, so a
+# rebuild recompiles only what changed (ninja).
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -9,7 +11,7 @@ BIN    := $(VENV)/bin
 # The CUDA-enabled torch builds (and links) the CUDA kernels wherever nvcc is found, GPU or not.
 TORCH  ?= torch==2.14.1
 DEPS   := "setuptools>=64" wheel "numpy<2.4" ninja pybind11 pytest pytest-benchmark faiss-cpu matplotlib \
-          taming-transformers-rom1504==0.0.6 vector-quantize-pytorch==1.32.0 scikit-image pyyaml safetensors tqdm \
+          taming-transformers-rom1504==0.0.6 vector-quantize-pytorch==1.32.0 scikit-image scikit-learn pyyaml safetensors tqdm \
           huggingface_hub
 CUDA_HOME ?= $(firstword $(wildcard /usr/local/cuda))
 export CUDA_HOME
@@ -30,7 +32,8 @@ $(VENV)/.deps-stamp: Makefile pyproject.toml
 setup: $(VENV)/.deps-stamp
 
 # Note: a .cu and a .cpp must not share a stem (their objects would collide).
-# Rebuilds _C in place when a C++/CUDA source changed (ninja keeps it incremental).
+# Rebuilds _C in place; setup.py keeps the objects in build/temp-vqkernels, so ninja recompiles only the sources
+# that changed (an unchanged tree relinks in seconds).
 build: setup
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
 	$(BIN)/python -c "import vqkernels, sys; d = vqkernels.info(); print('vqkernels._C:', d['_C'] or d['_C_error'])"

@@ -84,6 +84,16 @@ def _extensions():
     base = cpp_extension.BuildExtension.with_options(use_ninja=True)
 
     class BuildExt(base):
+        def finalize_options(self):
+            super().finalize_options()
+            # A persistent object folder (build/temp-vqkernels), also for `pip install -e .`, which otherwise
+            # compiles in a fresh temporary folder every time: ninja then recompiles only the sources that
+            # changed (and what includes a changed header), so an unchanged tree relinks in seconds.
+            # VQKERNELS_BUILD_TEMP=<dir> puts it elsewhere; =0 keeps setuptools' choice.
+            where = os.environ.get("VQKERNELS_BUILD_TEMP", os.path.join(ROOT, "build", "temp-vqkernels"))
+            if where.strip().lower() not in ("0", "false", "no", "off", ""):
+                self.build_temp = where
+
         def run(self):
             try:
                 super().run()
