@@ -23,11 +23,11 @@ import sys
 import pytest
 import torch
 
-from vqkernels.bench.measure import set_threads
-from vqkernels.bench.memory import MemoryMeter
-from vqkernels.bench.plan import default_mem_cap
-from vqkernels.bench.protocol import Case
-from vqkernels.bench.stamps import usable_cores
+from benchmarks.harness.measure import set_threads
+from benchmarks.harness.memory import MemoryMeter
+from benchmarks.harness.plan import default_mem_cap
+from benchmarks.harness.protocol import Case
+from benchmarks.harness.stamps import usable_cores
 
 
 def bench_device() -> str:

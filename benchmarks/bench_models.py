@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import pytest
 
-from vqkernels.bench import gpt, vqgan
-from vqkernels.bench.protocol import Case
+from benchmarks.suites import gpt, vqgan
+from benchmarks.harness.protocol import Case
 
-from _common import case_id, run_case, suite_cases
+from benchmarks._common import case_id, run_case, suite_cases
 
 _V, _G = vqgan.SUITE, gpt.SUITE
 SMALL_VQGAN = [Case(vqgan.Size("cpu", 2, 64), "fp32", vqgan.PROVIDER_NAMES, m) for m in vqgan.MODES]

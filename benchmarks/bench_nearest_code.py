@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import pytest
 
-from vqkernels.bench import nearest_code as nc
-from vqkernels.bench.protocol import Case
+from benchmarks.suites import nearest_code as nc
+from benchmarks.harness.protocol import Case
 
-from _common import bench_device, case_id, run_case, suite_cases
+from benchmarks._common import bench_device, case_id, run_case, suite_cases
 
 SUITE = nc.SUITE
 _PROVS = nc.CUDA_PROVIDERS if bench_device() == "cuda" else nc.CPU_PROVIDERS

@@ -4,11 +4,18 @@ import csv
 import importlib.util
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
-from vqkernels.bench import nearest_code as nc
-from vqkernels.bench import runner
+# The harness lives in the checkout's benchmarks/ (not in the installed package): its root on the path, after
+# whatever vqkernels this run imports.
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:
+    sys.path.append(_ROOT)
+
+from benchmarks.harness import runner  # noqa: E402
+from benchmarks.suites import nearest_code as nc  # noqa: E402
 
 STAMPS = ["date_utc", "device_name", "cpu_model", "cores", "git_sha", "python", "torch", "vqkernels"]
 STATUSES = {"ok", "skipped", "too_big", "timeout", "error", "oom"}
@@ -103,7 +110,7 @@ def test_size_parsing(token, expect):
 # The quantizer training-step suite
 
 def test_quantizer_quick_run(tmp_path, capsys):
-    from vqkernels.bench import quantizer as q
+    from benchmarks.suites import quantizer as q
 
     have_taming = _importable("taming")
     out = tmp_path / "q"
@@ -193,9 +200,9 @@ def test_missing_peers_are_skipped_with_a_reason(tmp_path, monkeypatch):
 def test_every_suite_declares_the_protocol():
     # Each suite imports without its providers' packages and declares sizes of its own named dimensions,
     # metrics with units, providers of known kinds, and CSV columns that hold its dimensions and metrics.
-    from vqkernels.bench import OPS
-    from vqkernels.bench.measure import load_suite
-    from vqkernels.bench.protocol import KINDS, Suite
+    from benchmarks.suites import OPS
+    from benchmarks.harness.measure import load_suite
+    from benchmarks.harness.protocol import KINDS, Suite
 
     for op in OPS:
         suite = load_suite(op)
@@ -217,7 +224,7 @@ def test_every_suite_declares_the_protocol():
 # The attention and model suites: the same runner, their own dimensions and units
 
 def test_attention_quick_run_reports_its_units(tmp_path):
-    from vqkernels.bench import attention as at
+    from benchmarks.suites import attention as at
 
     out = tmp_path / "att"
     rc = runner.main(["--quick", "--ops", "attention", "--device", "cpu", "--threads", "1", "--no-plot",

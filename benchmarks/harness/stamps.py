@@ -9,7 +9,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from .._info import _cpu_model  # one reader of the CPU model, shared with vqkernels.info
+from vqkernels._info import _cpu_model  # one reader of the CPU model, shared with vqkernels.info
 
 # Versions recorded in the metadata when the package is importable (the peers a suite compares with).
 PEER_VERSIONS = ("triton", "faiss", "numpy", "taming", "vector_quantize_pytorch", "flash_attn", "pytorch_lightning",

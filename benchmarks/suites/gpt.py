@@ -35,7 +35,7 @@ from typing import NamedTuple
 import torch
 
 from .nearest_code import device_reasons
-from .protocol import Case, Metric, NamedSize, Provider, Suite
+from ..harness.protocol import Case, Metric, NamedSize, Provider, Suite
 from .vqgan import importable_reasons, standins_path, taming_reasons
 
 OP = "gpt"
@@ -94,7 +94,7 @@ def make_inputs(case: Case, device: str, seed: int = 0) -> Inputs:
 
 
 def _ours(case: Case, device: str):
-    from ..models.gpt import GPT, GPTConfig
+    from vqkernels.models.gpt import GPT, GPTConfig
 
     s = case.size
     torch.manual_seed(1234)

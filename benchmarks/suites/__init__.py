@@ -1,6 +1,6 @@
 """The benchmark suites: providers, sizes and a runner that writes stamped CSV/JSON/plots.
 
-Each suite's module holds a ``SUITE`` (:class:`vqkernels.bench.protocol.Suite`): its sizes (a named tuple of its
+Each suite's module holds a ``SUITE`` (:class:`benchmarks.harness.protocol.Suite`): its sizes (a named tuple of its
 own dimensions), modes, throughput metrics, providers (ours, the reference, the peers people run today, a
 floor) and correctness check.
 
@@ -24,12 +24,12 @@ from __future__ import annotations
 
 # Which module holds the SUITE of each benchmarked op, in the order `--ops all` runs them.
 OPS = {
-    "nearest_code": "vqkernels.bench.nearest_code",
-    "quantizer": "vqkernels.bench.quantizer",
-    "attention": "vqkernels.bench.attention",
-    "vqgan": "vqkernels.bench.vqgan",
-    "gpt": "vqkernels.bench.gpt",
-    "linear": "vqkernels.bench.linear",
+    "nearest_code": "benchmarks.suites.nearest_code",
+    "quantizer": "benchmarks.suites.quantizer",
+    "attention": "benchmarks.suites.attention",
+    "vqgan": "benchmarks.suites.vqgan",
+    "gpt": "benchmarks.suites.gpt",
+    "linear": "benchmarks.suites.linear",
 }
 # What `vqkernels bench` runs without --ops: the kernel suites, minutes on 2 cores. `--ops all` adds attention
 # and the models (a CPU run of the models' suites takes tens of minutes: taming's sampler recomputes the prefix).

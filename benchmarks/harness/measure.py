@@ -25,8 +25,8 @@ MAX_REPEATS = 100  # cap on the timed calls min_time may add
 
 
 def load_suite(op: str):
-    """The ``SUITE`` of an op's module (``vqkernels.bench.OPS``)."""
-    from . import OPS
+    """The ``SUITE`` of an op's module (``benchmarks.suites.OPS``)."""
+    from ..suites import OPS
 
     if op not in OPS:
         raise SystemExit(f"unknown op {op!r}; expected one of {', '.join(OPS)}")
@@ -69,7 +69,7 @@ def _cpu_seconds() -> float:
 
 
 def measure(spec: dict) -> dict:
-    """Measure one case of one provider (``spec``: see :func:`vqkernels.bench.runner.run_suite`)."""
+    """Measure one case of one provider (``spec``: see :func:`benchmarks.harness.runner.run_suite`)."""
     import torch
 
     suite = load_suite(spec["op"])

@@ -36,8 +36,8 @@ from typing import NamedTuple
 import torch
 
 from .nearest_code import device_reasons
-from .protocol import Case, Metric, NamedSize, Provider, Suite
-from .stamps import repo_root
+from ..harness.protocol import Case, Metric, NamedSize, Provider, Suite
+from ..harness.stamps import repo_root
 
 OP = "vqgan"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -52,7 +52,7 @@ class Size(NamedTuple):
 
 def model_config(name: str, resolution: int):
     """The VQGANConfig of a named configuration at ``resolution``."""
-    from ..models import VQGANConfig
+    from vqkernels.models import VQGANConfig
 
     if name == "cpu":  # ch 64, ch_mult [1, 2, 2, 4], 512 codes of 64, attention at 8 (64 px images)
         cfg = VQGANConfig.cpu_bench()
@@ -108,7 +108,7 @@ def make_inputs(case: Case, device: str, seed: int = 0) -> Inputs:
 
 def _ours(case: Case, device: str):
     """Our VQModel and VQGANLoss, seeded: the weights every provider starts from."""
-    from ..models import VQGANLoss, VQModel
+    from vqkernels.models import VQGANLoss, VQModel
 
     torch.manual_seed(1234)
     model = VQModel(model_config(case.size.config, case.size.resolution))

@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import DEFAULT_OPS, OP_GROUPS, OPS
+from ..suites import DEFAULT_OPS, OP_GROUPS, OPS
 from .isolate import child_main, clean_env, run_subprocess
 from .measure import load_suite, measure
 from .plan import default_mem_cap, plan_cases, plan_ops, plan_threads, resolve_device
@@ -89,7 +89,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vqkernels bench", description="The vqkernels benchmark suites.")
+    p = argparse.ArgumentParser(prog="benchmarks/run.py", description="The vqkernels benchmark suites.")
     return add_arguments(p)
 
 

@@ -8,7 +8,7 @@ straight-through ``z_q`` (with a fixed upstream gradient, as the decoder would g
 the forward (training mode), so it is timed too. Every provider starts from the same codebook (the
 suite's standard-normal ``cb``) and the same inputs.
 
-Providers (kinds as in :mod:`vqkernels.bench.nearest_code`):
+Providers (kinds as in :mod:`benchmarks.suites.nearest_code`):
     ours       vqkernels        vqkernels.VectorQuantizer(K, D, beta=0.25), z (B, C, H, W); the usual backend
                vqkernels-ema    vqkernels.VectorQuantize(dim=D, codebook_size=K, decay=0.99, rotation_trick=False),
                                 z (B, T, D): the EMA codebook, next to vqtorch-ema
@@ -37,7 +37,7 @@ import torch
 
 from .nearest_code import NKDSuite, Size, device_reasons
 from .nearest_code import flops as _search_flops
-from .protocol import Case, Metric, NamedSize, Provider, fmt_mem, fmt_time
+from ..harness.protocol import Case, Metric, NamedSize, Provider, fmt_mem, fmt_time
 
 OP = "quantizer"
 REFERENCE_PROVIDER = "taming"  # the indices every provider is compared with; its own output feeds the cache

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import re
 
-from . import DEFAULT_OPS, OP_GROUPS
+from ..suites import DEFAULT_OPS, OP_GROUPS
 from .measure import load_suite
 from .protocol import Case
 from .stamps import usable_cores

@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import torch
 
-from .protocol import Case, Metric, NamedSize, Provider, Suite, fmt_time, group_rows
+from ..harness.protocol import Case, Metric, NamedSize, Provider, Suite, fmt_time, group_rows
 
 OP = "nearest_code"
 
@@ -97,7 +97,7 @@ def flops(N: int, K: int, D: int) -> float:
 
 def make_inputs(N: int, K: int, D: int, dtype: str, device: str, seed: int = 0):
     """x (N, D) and codebook (K, D), standard normal, on ``device`` in ``dtype`` (the tests' factory)."""
-    from ..testing import make_inputs as _make
+    from vqkernels.testing import make_inputs as _make
 
     return _make(N, K, D, dtype_of(dtype), device, seed=seed)
 
@@ -125,7 +125,7 @@ _device_reasons = device_reasons  # the older name
 
 def backend_reasons(op: str, backend: str, **named) -> list[str]:
     """Why ``backend`` cannot run ``op`` on these (named) arguments, from the op's own capability table."""
-    from .. import _backend
+    from vqkernels import _backend
 
     try:
         return list(_backend.not_supported_reasons(op, backend, **named))
@@ -148,7 +148,7 @@ def _ours_reasons(backend: str):
         r = device_reasons(device)
         if r:
             return r
-        from ..ops import nearest_code as nc  # noqa: F401  (registers the op's capability table)
+        from vqkernels.ops import nearest_code as nc  # noqa: F401  (registers the op's capability table)
 
         N, K, D = case.size
         x, cb = _probe(N, K, D, case.dtype, device)
@@ -305,7 +305,7 @@ def correct_fraction(x: torch.Tensor, cb: torch.Tensor, idx: torch.Tensor, ref_i
     when it equals the reference's index. A provider that computes in bf16/fp16, or picks wrong
     codes, shows a fraction below 1.
     """
-    from ..testing import ACC_EPS
+    from vqkernels.testing import ACC_EPS
 
     idx = idx.reshape(-1).to(device=x.device, dtype=torch.int64)
     ref_idx = ref_idx.reshape(-1).to(device=x.device, dtype=torch.int64)
