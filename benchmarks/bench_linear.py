@@ -5,7 +5,7 @@
 
 See :mod:`benchmarks.suites.linear` for the providers. ``extra_info``: GB/s of weights read, GFLOP/s, the peak
 extra memory of one call and the largest error relative to |x| |w| (``max_rel_err``). Environment: see
-``_common.py``.
+``harness/pytest_bench.py``.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from benchmarks.suites import linear as lin
 from benchmarks.harness.protocol import Case
 
-from benchmarks._common import case_id, run_case, suite_cases
+from benchmarks.harness.pytest_bench import case_id, run_case, suite_cases
 
 SUITE = lin.SUITE
 SMALL = [Case(lin.SIZES["cpu"].size, "fp32", lin.PROVIDER_NAMES)]

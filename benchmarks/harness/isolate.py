@@ -1,9 +1,9 @@
 """A measurement in a fresh process: the spec goes in as JSON, the result comes back as JSON.
 
-``python -m benchmarks.harness.isolate SPEC.json OUT.json`` measures one case (:func:`.measure.measure`). The
-parent watches it: killed past the timeout, or (CPU) once its RSS passes the memory cap. A fresh process gives
-exact CPU peak memory (no heap kept from earlier cases) and keeps apart what cannot share a process (a peer's
-stand-in modules, a second install of a library).
+``python -m benchmarks.harness.isolate SPEC.json OUT.json`` (the checkout's root on the path) measures one case
+(:func:`.measure.measure`). The parent watches it: killed past the timeout, or (CPU) once its RSS passes the
+memory cap. A fresh process gives exact CPU peak memory (no heap kept from earlier cases) and keeps apart what
+cannot share a process (a peer's stand-in modules, a second install of a library).
 """
 from __future__ import annotations
 

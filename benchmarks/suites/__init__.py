@@ -1,8 +1,6 @@
-"""The benchmark suites: providers, sizes and a runner that writes stamped CSV/JSON/plots.
-
-Each suite's module holds a ``SUITE`` (:class:`benchmarks.harness.protocol.Suite`): its sizes (a named tuple of its
-own dimensions), modes, throughput metrics, providers (ours, the reference, the peers people run today, a
-floor) and correctness check.
+"""The benchmark suites, one module per benchmarked op or model, each holding a ``SUITE``
+(:class:`benchmarks.harness.protocol.Suite`): its sizes (a named tuple of its own dimensions), modes, throughput
+metrics, providers (ours, the reference, the peers people run today, a floor) and correctness check.
 
 - :mod:`.nearest_code` -- the search alone, (N, K, D), GFLOP/s; peers taming, vector-quantize-pytorch, FAISS.
 - :mod:`.quantizer` -- a quantizer training step, (N, K, D), tokens/s; peers taming, vector-quantize-pytorch.
@@ -14,27 +12,29 @@ floor) and correctness check.
   peers taming's minGPT samplers and Hugging Face transformers' GPT-2 generate.
 - :mod:`.linear` -- the few-row inference linear of a decoding step, (rows, width, layers), GB/s of weights read;
   peers F.linear, addmm on transposed weights, MKL's packed linear.
-- :mod:`.runner` -- the command line (``vqkernels bench``, ``python benchmarks/run.py``); see its docstring for
-  the modules that plan, measure, isolate, meter memory, stamp and report.
 
-Nothing here is imported by ``import vqkernels``; importing this package imports no GPU library, no peer and
-compiles nothing.
+A new suite is a module here with a ``SUITE``, and its name in :data:`SUITES`: the runner (``--ops``, ``--list``),
+the pytest-benchmark modules and the tests find every suite through this list. Importing this package imports
+no suite (nor torch, nor a peer).
 """
 from __future__ import annotations
 
-# Which module holds the SUITE of each benchmarked op, in the order `--ops all` runs them.
-OPS = {
-    "nearest_code": "benchmarks.suites.nearest_code",
-    "quantizer": "benchmarks.suites.quantizer",
-    "attention": "benchmarks.suites.attention",
-    "vqgan": "benchmarks.suites.vqgan",
-    "gpt": "benchmarks.suites.gpt",
-    "linear": "benchmarks.suites.linear",
-}
-# What `vqkernels bench` runs without --ops: the kernel suites, minutes on 2 cores. `--ops all` adds attention
-# and the models (a CPU run of the models' suites takes tens of minutes: taming's sampler recomputes the prefix).
-DEFAULT_OPS = ("nearest_code", "quantizer")
-# Names for several suites at once (`--ops models`).
-OP_GROUPS = {"all": tuple(OPS), "models": ("vqgan", "gpt")}
+import importlib
 
-__all__ = ["OPS", "DEFAULT_OPS", "OP_GROUPS"]
+# Every suite, in the order `--ops all` runs them: the name is the suite's module here and its SUITE's op.
+SUITES = ("nearest_code", "quantizer", "attention", "vqgan", "gpt", "linear")
+# What the runner runs without --ops: the kernel suites, minutes on 2 cores. `--ops all` adds the others (a CPU
+# run of the models' suites takes tens of minutes: taming's sampler recomputes the prefix).
+DEFAULT_SUITES = ("nearest_code", "quantizer")
+# Names for several suites at once (`--ops models`).
+GROUPS = {"all": SUITES, "models": ("vqgan", "gpt")}
+
+
+def load_suite(name: str):
+    """The ``SUITE`` of the suite ``name`` (one of :data:`SUITES`)."""
+    if name not in SUITES:
+        raise SystemExit(f"unknown suite {name!r}; expected one of {', '.join(SUITES)}")
+    return importlib.import_module(f"{__name__}.{name}").SUITE
+
+
+__all__ = ["SUITES", "DEFAULT_SUITES", "GROUPS", "load_suite"]

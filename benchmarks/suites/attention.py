@@ -38,7 +38,7 @@ from typing import NamedTuple
 
 import torch
 
-from .nearest_code import device_reasons, interpreter_reasons
+from ..harness.common import device_reasons, importable_reasons, interpreter_reasons
 from ..harness.protocol import Case, Metric, NamedSize, Provider, Suite
 
 OP = "attention"
@@ -281,10 +281,9 @@ def _sdpa_reasons(name: str):
 # --- flash-attn ------------------------------------------------------------------------------
 
 def _flash_reasons(case: Case, device: str):
-    try:
-        import flash_attn  # noqa: F401
-    except Exception as e:  # noqa: BLE001
-        return [f"flash_attn is not importable ({type(e).__name__}: {e})"]
+    r = importable_reasons("flash_attn")
+    if r:
+        return r
     if device != "cuda":
         return ["flash-attn runs on CUDA only"]
     if case.dtype not in ("bf16", "fp16"):

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .nearest_code import device_reasons
+from ..harness.common import device_reasons
 from ..harness.protocol import Case, Metric, NamedSize, Provider, Suite
 
 OP = "linear"

@@ -4,7 +4,7 @@ A *provider* is one way of answering "which code is nearest to each row of x": o
 code paths of the libraries people use today (the peers), and a bare matmul of the same shape (the
 floor: what the GEMM alone costs, not a search). A size is ``Size(N, K, D)``; ``SUITE.make_inputs(case, device)``
 gives (x (N, D), codebook (K, D)) and ``PROVIDERS[name].build(inputs, case)`` a zero-argument callable whose
-result is the int64 indices (N,) -- or, for a floor, the (N, K) matrix (see :mod:`.protocol`).
+result is the int64 indices (N,) -- or, for a floor, the (N, K) matrix (see :mod:`benchmarks.harness.protocol`).
 
 Kinds (the table's ratios use them):
     ours       vqkernels.nearest_code(backend=cpu|triton|cuda): the fused kernels
@@ -19,12 +19,13 @@ ones for GPUs.
 from __future__ import annotations
 
 import math
-import os
 from typing import NamedTuple
 
 import torch
 
-from ..harness.protocol import Case, Metric, NamedSize, Provider, Suite, fmt_time, group_rows
+from ..harness.common import (backend_reasons, device_reasons, fmt_time, group_rows, importable_reasons,
+                              interpreter_reasons)
+from ..harness.protocol import Case, Metric, NamedSize, Provider, Suite
 
 OP = "nearest_code"
 
@@ -109,38 +110,6 @@ def _probe(N, K, D, dtype, device):
     return x, cb
 
 
-def device_reasons(device: str) -> list[str]:
-    if device == "cuda":
-        try:
-            ok = torch.cuda.is_available()
-        except Exception:  # noqa: BLE001
-            ok = False
-        if not ok:
-            return ["no CUDA device here"]
-    return []
-
-
-_device_reasons = device_reasons  # the older name
-
-
-def backend_reasons(op: str, backend: str, **named) -> list[str]:
-    """Why ``backend`` cannot run ``op`` on these (named) arguments, from the op's own capability table."""
-    from vqkernels import _backend
-
-    try:
-        return list(_backend.not_supported_reasons(op, backend, **named))
-    except TypeError:  # a table whose reason functions name their arguments differently: pass them in order
-        return list(_backend.not_supported_reasons(op, backend, *named.values()))
-
-
-def interpreter_reasons(backend: str, device: str) -> list[str]:
-    if (backend == "triton" and device == "cpu"
-            and os.environ.get("VQKERNELS_BENCH_ALLOW_INTERPRETER", "0") in ("", "0")):
-        return ["Triton runs on CPU tensors only under its interpreter, which is not worth timing "
-                "(--allow-interpreter times it anyway)"]
-    return []
-
-
 # --- ours and the reference: vqkernels.nearest_code(backend=...) -------------------------------
 
 def _ours_reasons(backend: str):
@@ -202,11 +171,9 @@ def _any_dtype_reasons(case, device):
 
 
 def _faiss_reasons(case, device):
-    try:
-        import faiss  # noqa: F401
-    except Exception as e:  # noqa: BLE001
-        return [f"faiss is not importable ({type(e).__name__}: {e})"]
-    r = []
+    r = importable_reasons("faiss")
+    if r:
+        return r
     if case.dtype != "fp32":
         r.append(f"faiss IndexFlatL2 takes float32 only, not {case.dtype}")
     if device != "cpu":

@@ -35,9 +35,10 @@ from __future__ import annotations
 
 import torch
 
-from .nearest_code import NKDSuite, Size, device_reasons
+from ..harness.common import device_reasons, fmt_mem, fmt_time, importable_reasons
+from ..harness.protocol import Case, Metric, NamedSize, Provider
+from .nearest_code import NKDSuite, Size
 from .nearest_code import flops as _search_flops
-from ..harness.protocol import Case, Metric, NamedSize, Provider, fmt_mem, fmt_time
 
 OP = "quantizer"
 REFERENCE_PROVIDER = "taming"  # the indices every provider is compared with; its own output feeds the cache
@@ -189,12 +190,8 @@ def _vq_module_build(cls_path, **options):
 
 
 def _import_reasons(module: str):
-    def reasons(case, device):
-        try:
-            __import__(module)
-        except Exception as e:  # noqa: BLE001 -- a peer not installed: its rows are skipped with this reason
-            return [f"{module} is not importable ({type(e).__name__}: {e})"]
-        return device_reasons(device)
+    def reasons(case, device):  # a peer not installed: its rows are skipped with this reason
+        return importable_reasons(module) or device_reasons(device)
 
     return reasons
 
