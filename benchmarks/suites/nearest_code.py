@@ -32,13 +32,6 @@ OP = "nearest_code"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def dtype_of(name: str) -> torch.dtype:
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; expected one of {tuple(DTYPES)}") from None
-
-
 # ---------------------------------------------------------------------------------------------
 # Sizes (N vectors, K codes, D dimensions), named after where they come from.
 
@@ -100,13 +93,13 @@ def make_inputs(N: int, K: int, D: int, dtype: str, device: str, seed: int = 0):
     """x (N, D) and codebook (K, D), standard normal, on ``device`` in ``dtype`` (the tests' factory)."""
     from vqkernels.testing import make_inputs as _make
 
-    return _make(N, K, D, dtype_of(dtype), device, seed=seed)
+    return _make(N, K, D, DTYPES[dtype], device, seed=seed)
 
 
 def _probe(N, K, D, dtype, device):
     """Tensors shaped like the real inputs but costing nothing (the codebook is an expanded row)."""
-    x = torch.empty(1, D, dtype=dtype_of(dtype), device=device)
-    cb = torch.empty(1, D, dtype=dtype_of(dtype), device=device).expand(K, D)
+    x = torch.empty(1, D, dtype=DTYPES[dtype], device=device)
+    cb = torch.empty(1, D, dtype=DTYPES[dtype], device=device).expand(K, D)
     return x, cb
 
 
@@ -239,7 +232,7 @@ PROVIDERS: dict[str, Provider] = {
 def nk_bytes(provider: Provider, N: int, K: int, dtype: str) -> int:
     """Estimated bytes of the (N, K) matrices ``provider`` holds at its peak (0 for the fused ones):
     ``extra["nk_matrices"]`` of them, of ``extra["nk_elem_bytes"]`` (default: the input dtype's size)."""
-    elem = provider.extra.get("nk_elem_bytes") or torch.empty((), dtype=dtype_of(dtype)).element_size()
+    elem = provider.extra.get("nk_elem_bytes") or torch.empty((), dtype=DTYPES[dtype]).element_size()
     return int(provider.extra.get("nk_matrices", 0.0) * N * K * elem)
 
 

@@ -53,13 +53,6 @@ PAIRS = (("vqkernels", "taming"), ("vqkernels", "vqtorch"), ("vqkernels-ema", "v
 DTYPES = {"fp32": torch.float32}
 
 
-def dtype_of(name: str) -> torch.dtype:
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise ValueError(f"the quantizer suite runs {tuple(DTYPES)} only, not {name!r}") from None
-
-
 SIZES = {
     "taming": NamedSize(Size(12288, 1024, 256),
                         "taming-transformers ImageNet VQGAN: 48 images of 16x16 tokens, 1024 codes of 256"),
