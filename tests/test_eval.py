@@ -231,3 +231,24 @@ def test_dataset_registry_is_pluggable(checkpoint, capsys, monkeypatch):
     assert ev.main(_args(checkpoint=checkpoint, data="tiny", json=True, no_lpips=True, no_fid=True)) == 0
     r = json.loads(capsys.readouterr().out)
     assert seen == [16] and r["images"] == 2 and r["data"] == "tiny"
+
+
+def test_run_folder_and_embedded_data(tmp_path, capsys, monkeypatch):
+    # a run folder: 'latest' names the newest checkpoint folder inside it
+    run = tmp_path / "run"
+    _tiny_vqgan(seed=1).save_pretrained(run / "checkpoints" / "step_00000010")
+    (run / "latest").write_text("checkpoints/step_00000010\n")
+    embedded, crops = ev.DATASETS["embedded"], []
+    monkeypatch.setitem(ev.DATASETS, "embedded", lambda res: crops.extend(embedded(res)) or crops)
+    assert ev.main(_args(checkpoint=run, data="embedded", max_images=3, json=True, no_lpips=True, no_fid=True)) == 0
+    r = json.loads(capsys.readouterr().out)
+    _check_ranges(r, 3)
+    # the embedded held-out crops are at the model's training size, as training's held-out metrics
+    assert len(crops) > 3 and {tuple(c.shape) for c in crops} == {(3, 16, 16)}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_bad_device_one_line(checkpoint, folder, capsys):
+    assert ev.main(_args(checkpoint=checkpoint, data=folder, device="cuda")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("vqkernels eval: --device cuda") and "CUDA" in err
