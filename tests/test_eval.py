@@ -212,8 +212,8 @@ def test_evaluate_tokenizer_bad_input():
     with pytest.raises(ev.EvalError, match="no image"):
         ev.evaluate_tokenizer(model, [], lpips=False, fid=False)
     with pytest.raises(ev.EvalError, match=r"item 1 has values in \[0, 255\]"):
-        ev.evaluate_tokenizer(model, [torch.zeros(3, 8, 8), torch.full((3, 8, 8), 255.0).index_fill(1, torch.tensor([0]), 0)],
-                              lpips=False, fid=False)
+        bytes_like = torch.full((3, 8, 8), 255.0).index_fill(1, torch.tensor([0]), 0)  # [0, 255], not [-1, 1]
+        ev.evaluate_tokenizer(model, [torch.zeros(3, 8, 8), bytes_like], lpips=False, fid=False)
     with pytest.raises(ev.EvalError, match=r"item 0 is \(8, 8\)"):
         ev.evaluate_tokenizer(model, [torch.zeros(8, 8)], lpips=False, fid=False)
     with pytest.raises(ev.EvalError, match="VQGAN tokenizer"):

@@ -141,7 +141,8 @@ def _reconstruct(model, x: torch.Tensor, tiled: bool, tile, overlap):
     f = int(model.config.downsample_factor)
     H, W = x.shape[-2:]
     xp = reflect_pad(x, -H % f, -W % f)
-    quant, _, (_, _, ind) = model.encode(xp)
+    param = next(model.parameters(), None)
+    quant, _, (_, _, ind) = model.encode(xp if param is None else xp.to(param.dtype))
     return model.decode(quant)[..., :H, :W], ind
 
 
@@ -404,8 +405,8 @@ def run(args) -> dict:
     for name in ("batch_size", "max_images", "tile", "overlap"):
         v = getattr(args, name, None)
         if v is not None and (v < 1 if name != "overlap" else v < 0):
-            raise EvalError(f"--{name.replace('_', '-')}: expected a {'positive' if name != 'overlap' else 'non-negative'}"
-                            f" integer, got {v}")
+            kind = "non-negative" if name == "overlap" else "positive"
+            raise EvalError(f"--{name.replace('_', '-')}: expected a {kind} integer, got {v}")
     device = _resolve_device(getattr(args, "device", "auto"))
     model = load_tokenizer(args.checkpoint, device)
     images = open_images(str(args.data), int(model.config.resolution))
