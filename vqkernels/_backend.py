@@ -487,7 +487,7 @@ def _verdict(op: str, backend: str, device_str: str, dtype: torch.dtype) -> str:
     if res.status == "failed":
         why = f"its {dname} kernel failed the self-check on {device} ({ident}): {res.detail}"
         _remember(key, "failed", why, ident, "check")
-        _VERDICTS[key] = f"{backend} {why}"
+        _VERDICTS[key] = why
         _warn_once(("failed",) + key,
                    f"vqkernels: the {backend} kernel of {op} failed its self-check on {device} ({ident}) in {dname}: "
                    f"{res.detail}; auto passes it over (`vqkernels selftest` checks every kernel; "
@@ -521,7 +521,7 @@ def record_selfcheck(op: str, backend: str, device: torch.device, dtype: torch.d
         dname = str(dtype).replace("torch.", "")
         why = f"its {dname} kernel failed the self-check on {device} ({ident}): {detail}"
         _remember(key, "failed", why, ident, "selftest")
-        _VERDICTS[key] = f"{backend} {why}"
+        _VERDICTS[key] = why
 
 
 def selfcheck_results() -> dict:

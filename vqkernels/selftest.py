@@ -44,6 +44,11 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 ATOL = {torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float64: 1e-12}
 
 
+def _short(message: str, limit: int = 240) -> str:
+    line = message.strip().splitlines()[0] if message.strip() else ""
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
 class _Skip(Exception):
     pass
 
@@ -89,10 +94,10 @@ class Checker:
             self.skips.append(f"{name}: {e}")
         except AssertionError as e:
             self.ran += 1
-            self.failures.append(f"{name}: {e}")
+            self.failures.append(f"{name}: {_short(str(e))}")
         except Exception as e:  # noqa: BLE001 -- a kernel that raises is a failing kernel
             self.ran += 1
-            self.failures.append(f"{name}: raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            self.failures.append(f"{name}: raised {type(e).__name__}: {_short(str(e))}")
 
     def require(self, op: str | None = None, **args) -> None:
         reasons = _backend.not_supported_reasons(op or self.op, self.backend, **args)
