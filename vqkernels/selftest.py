@@ -569,21 +569,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Run, print, and return the exit status (1: something failed). Interrupted (SIGINT, e.g. ``timeout -s INT``
+    at a stage's budget), it still prints what it found, marked ``interrupted``, and returns 1 if that is
+    incomplete."""
     t0 = time.perf_counter()
-    printer = None if args.json else (lambda r: print(format_result(r), flush=True))
-    results = run(args.op, args.device, printer)
+    results: list = []
+
+    def on_result(r):
+        results.append(r)
+        if not args.json:
+            print(format_result(r), flush=True)
+
+    interrupted = False
+    try:
+        run(args.op, args.device, on_result)
+    except KeyboardInterrupt:
+        interrupted = True
     counts = {s: sum(r.status == s for r in results) for s in ("passed", "failed", "skipped")}
     seconds = time.perf_counter() - t0
     from . import __version__
 
     if args.json:
         print(json.dumps(dict(vqkernels=__version__, torch=torch.__version__, seconds=round(seconds, 2),
-                              summary=counts, results=[dataclasses.asdict(r) for r in results]), indent=1))
+                              interrupted=interrupted, summary=counts,
+                              results=[dataclasses.asdict(r) for r in results]), indent=1))
     else:
+        tail = " (INTERRUPTED: incomplete)" if interrupted else ""
         print(f"selftest: {counts['passed']} passed, {counts['failed']} FAILED, {counts['skipped']} skipped "
-              f"in {seconds:.1f} s" if counts["failed"] else
-              f"selftest: {counts['passed']} passed, {counts['skipped']} skipped, none failed in {seconds:.1f} s")
-    return 1 if counts["failed"] else 0
+              f"in {seconds:.1f} s{tail}" if counts["failed"] else
+              f"selftest: {counts['passed']} passed, {counts['skipped']} skipped, none failed in {seconds:.1f} s{tail}")
+    return 1 if counts["failed"] or interrupted else 0
 
 
 if __name__ == "__main__":
