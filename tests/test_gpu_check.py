@@ -98,3 +98,34 @@ def test_hide_peers_plugin_hides_them(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "hide_peers", "-p", "no:cacheprovider", str(t)],
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _probe_broken_peers(tmp_path, **env):
+    (tmp_path / "broken_dependency.py").write_text("raise ImportError('a broken dependency of ours')\n")
+    t = tmp_path / "test_probe.py"
+    t.write_text("import importlib.util, pytest\n"
+                 "def test_peer_found_but_broken():\n"
+                 "    assert importlib.util.find_spec('taming') is not None  # installed...\n"
+                 "    pytest.importorskip('taming.modules.vqvae.quantize')   # ...but broken: skips\n"
+                 "def test_other_peer():\n"
+                 "    pytest.importorskip('vector_quantize_pytorch')\n"
+                 "def test_ours_still_errors():\n"
+                 "    with pytest.raises(ImportError, match='broken dependency of ours'):\n"
+                 "        pytest.importorskip('broken_dependency')\n")
+    e = dict(os.environ, PYTHONPATH=f"{ROOT / 'tests' / 'plugins'}:{ROOT / 'tests'}:{tmp_path}", VQK_PEERS="broken",
+             **env)
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "hide_peers", "-p", "conftest",
+                           "-p", "no:cacheprovider", str(t)], capture_output=True, text=True, env=e, cwd=tmp_path,
+                          timeout=120)
+
+
+def test_a_broken_peer_skips_its_comparisons_and_is_reported(tmp_path):
+    """A peer that is installed but raises a plain ImportError (a broken install): its comparisons skip with the
+    error as the reason, the summary names it; our own modules' ImportErrors still fail."""
+    r = _probe_broken_peers(tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "2 skipped" in r.stdout and "1 passed" in r.stdout, r.stdout
+    assert "installed but does not import (a broken install)" in r.stdout
+    assert "broken peer installs" in r.stdout and "taming: ImportError" in r.stdout, r.stdout
+    strict = _probe_broken_peers(tmp_path, VQKERNELS_STRICT_PEERS="1")
+    assert strict.returncode != 0 and "2 failed" in strict.stdout, strict.stdout
