@@ -381,3 +381,35 @@ def test_sdpa_backend_compiles_fullgraph():
     got = torch.compile(lambda a, b: vqkernels.attention(a, b, b, causal=True, backend="sdpa"), fullgraph=True,
                         backend="eager")(q, k)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_wrong_triton_launcher_is_caught(monkeypatch):
+    """The other way to replace a kernel: patch a Triton launcher (here under the interpreter, as in CI)."""
+    if _backend.not_supported_reasons(cs.OP_USAGE, "triton", indices=torch.zeros(3, dtype=torch.int64), num_codes=4):
+        pytest.skip("Triton cannot run on this machine's tensors here")
+    from vqkernels.ops.code_stats import triton as tr
+
+    real = tr.code_usage_triton
+
+    def off_by_one(indices, num_codes):
+        counts, perplexity = real(indices, num_codes)
+        return counts + 1, perplexity
+
+    monkeypatch.setattr(tr, "code_usage_triton", off_by_one)
+    r = selftest.check(cs.OP_USAGE, "triton", "cpu" if _backend.triton_interpreter() else "cuda", torch.int64)
+    assert r.status == "failed" and "counts: not equal to the reference" in r.detail, r
+    monkeypatch.setattr(tr, "code_usage_triton", real)
+    assert selftest.check(cs.OP_USAGE, "triton", "cpu" if _backend.triton_interpreter() else "cuda",
+                          torch.int64).status == "passed"
+
+
+@needs_c
+def test_info_reports_the_gate(gate):
+    gate("always")
+    _usage()
+    d = vqkernels.info()
+    assert d["selfcheck"]["mode"] == "always"
+    assert d["selfcheck"]["results"]["code_usage/cpu/cpu/int64"]["status"] == "passed"
+    text = vqkernels.info(as_text=True)
+    assert "self-check (VQKERNELS_SELFCHECK=always" in text and "code_usage/cpu/cpu/int64" in text
+    assert "attention has no sdpa" not in text and "nearest_code has no sdpa" not in text

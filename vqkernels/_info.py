@@ -57,7 +57,9 @@ def _backend_choices(devices, dtypes) -> dict:
                 except Exception as e:  # noqa: BLE001 -- report, don't fail
                     picks[key] = f"none ({e})"
                 reasons = _backend.explain(op, **args)
-                picks[key + " not chosen because"] = {b: r for b, r in reasons.items() if r}
+                # (a backend the op does not declare at all, e.g. sdpa for all but attention, is not news)
+                picks[key + " not chosen because"] = {b: r for b, r in reasons.items()
+                                                      if r and (b in spec.backends or spec.fallback)}
     return picks
 
 
