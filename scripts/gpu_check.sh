@@ -249,7 +249,9 @@ dry_run() {
   if [ -n "$a" ]; then
     echo "  python benchmarks/run.py $a --out \$DEST"
     # shellcheck disable=SC2086
-    $PY benchmarks/run.py $a --list >/dev/null || { echo "  bench arguments do not parse"; missing=1; }
+    # (this checkout's package, not whichever one the interpreter has installed)
+    PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" $PY benchmarks/run.py $a --list >/dev/null \
+      || { echo "  bench arguments do not parse"; missing=1; }
   fi
   [ "$s" = selftest ] && echo "  python -m vqkernels.selftest --device cuda --json > \$DEST/selftest.json"
   [ "${s#sanitize}" != "$s" ] && { [ -f scripts/gpu_sanitize_cases.py ] || { echo "  scripts/gpu_sanitize_cases.py missing"; missing=1; }; }

@@ -27,10 +27,18 @@ os.environ.pop("VQKERNELS_BACKEND", None)
 # BackendNotSupported would hide a kernel's own failure); tests/test_selftest.py turns it on where it tests it.
 # Nothing a test runs writes the user's ~/.cache.
 os.environ["VQKERNELS_SELFCHECK"] = "never"
+_OWN_CACHE_DIR = None
 if "VQKERNELS_CACHE_DIR" not in os.environ:
     import tempfile
 
-    os.environ["VQKERNELS_CACHE_DIR"] = tempfile.mkdtemp(prefix="vqkernels-test-cache-")
+    _OWN_CACHE_DIR = os.environ["VQKERNELS_CACHE_DIR"] = tempfile.mkdtemp(prefix="vqkernels-test-cache-")
+
+
+def pytest_sessionfinish(session):
+    if _OWN_CACHE_DIR:
+        import shutil
+
+        shutil.rmtree(_OWN_CACHE_DIR, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------------------

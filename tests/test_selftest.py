@@ -97,6 +97,10 @@ def test_text_output_and_op_filter(tmp_path):
     if not torch.cuda.is_available():
         assert any("cuda" in line and "skipped" in line and "no CUDA device" in line for line in lines)
     assert lines[-1].startswith("selftest: ") and "none failed" in lines[-1]
+    if not torch.cuda.is_available():  # asked for the GPU and there is none: not a pass
+        nogpu = subprocess.run([sys.executable, "-m", "vqkernels.selftest", "--device", "cuda", "--op", "code_usage"],
+                               cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=120)
+        assert nogpu.returncode == 2 and "no CUDA device" in nogpu.stderr, nogpu.stdout + nogpu.stderr
     bad = subprocess.run([sys.executable, "-m", "vqkernels.selftest", "--op", "no_such_op"], cwd=ROOT,
                          env=_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "unknown op" in (bad.stdout + bad.stderr)

@@ -11,7 +11,8 @@ PyTorch's own computation in the same precision plus a small floor (:meth:`Check
     python -m vqkernels.selftest [--device cpu|cuda|all] [--op NAME ...] [--json]
 
 prints one line per (op, backend, device, dtype) -- passed, FAILED with the worst error, or skipped with the
-reason -- and a summary; the exit status is 1 when anything failed. The self-check gate of the dispatcher
+reason -- and a summary; the exit status is 1 when anything failed (or it was interrupted), 2 when
+``--device cuda`` finds no CUDA device. The self-check gate of the dispatcher
 (``VQKERNELS_SELFCHECK``, see :mod:`vqkernels._backend`) runs the same cases through :func:`check` for one
 (op, backend, device, dtype) before a kernel first serves a call.
 
@@ -598,7 +599,12 @@ def main(args: argparse.Namespace) -> int:
         print(f"selftest: {counts['passed']} passed, {counts['failed']} FAILED, {counts['skipped']} skipped "
               f"in {seconds:.1f} s{tail}" if counts["failed"] else
               f"selftest: {counts['passed']} passed, {counts['skipped']} skipped, none failed in {seconds:.1f} s{tail}")
-    return 1 if counts["failed"] or interrupted else 0
+    if counts["failed"] or interrupted:
+        return 1
+    if args.device == "cuda" and _devices("cuda")[1]:
+        print("selftest: --device cuda, but no CUDA device is visible: nothing was checked", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
