@@ -58,8 +58,7 @@ def _backend_choices(devices, dtypes) -> dict:
                     picks[key] = f"none ({e})"
                 reasons = _backend.explain(op, **args)
                 # (a backend the op does not declare at all, e.g. sdpa for all but attention, is not news)
-                picks[key + " not chosen because"] = {b: r for b, r in reasons.items()
-                                                      if r and (b in spec.backends or spec.fallback)}
+                picks[key + " not chosen because"] = {b: r for b, r in reasons.items() if r and b in spec.backends}
     return picks
 
 
