@@ -200,6 +200,10 @@ def test_gate_passes_over_a_wrong_kernel_with_one_warning(tmp_path):
         assert "failed the self-check" in str(e) and "not nearest" in str(e), e
     else:
         raise AssertionError("a named backend that failed must raise")
+    # selftest in the same process checks the failed kernel again (the gate's verdict does not skip it)
+    from vqkernels import selftest
+    r = selftest.check("nearest_code", "cpu", "cpu", torch.float32)
+    assert r.status == "failed" and "not nearest" in r.detail, r
     print("OK", _backend.CHECKS_RUN)
     """, tmp_path, VQKERNELS_SELFCHECK="always")
     assert p.returncode == 0 and "OK" in p.stdout, p.stdout[-3000:] + p.stderr[-3000:]

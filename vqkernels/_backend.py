@@ -386,7 +386,9 @@ _WARNED: set = set()
 _STATE: dict = {}  # "mode", "fingerprint", "disk" (the cache file's passes): read once per process
 # The keys whose check ran in this process, in order (tests and the benchmark read it).
 CHECKS_RUN: list = []
-_CHECKING: contextvars.ContextVar[bool] = contextvars.ContextVar("vqkernels_selfcheck_running", default=False)
+# "check": a check is running (it names its backends; nothing gates); "report": info() asks what auto would pick
+# (failed backends are passed over, no new check runs).
+_CHECKING: contextvars.ContextVar[str] = contextvars.ContextVar("vqkernels_selfcheck_running", default="")
 
 
 class SelfCheckCacheWarning(UserWarning):
@@ -417,9 +419,10 @@ def reset_selfcheck() -> None:
 
 
 @contextlib.contextmanager
-def selfcheck_running() -> Iterator[None]:
-    """The block runs checks itself (vqkernels.selftest): selection inside it does not gate."""
-    token = _CHECKING.set(True)
+def selfcheck_running(what: str = "check") -> Iterator[None]:
+    """``"check"``: the block runs checks itself (vqkernels.selftest), selection inside it does not gate.
+    ``"report"``: the block only reports choices (info): failed backends are passed over, no check runs."""
+    token = _CHECKING.set(what)
     try:
         yield
     finally:
@@ -440,6 +443,8 @@ def _gate(op: str, backend: str, primary) -> str:
         return ""
     if torch.compiler.is_compiling():  # (Dynamo: _verdict is a constant it calls, never traces)
         return _verdict(op, backend, str(primary.device), primary.dtype)
+    if _CHECKING.get() == "check":
+        return ""
     v = _VERDICTS.get((op, backend, primary.device, primary.dtype))
     if v is not None:
         return v
@@ -460,7 +465,7 @@ def _verdict(op: str, backend: str, device_str: str, dtype: torch.dtype) -> str:
     if not gated(backend, device):
         _VERDICTS[key] = ""
         return ""
-    if _CHECKING.get():  # a check names its backends itself
+    if _CHECKING.get():  # a check names its backends itself; a report runs none
         return ""
     dname = str(dtype).replace("torch.", "")
     ident = device_identity(device)

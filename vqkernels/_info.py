@@ -35,7 +35,7 @@ def backend_choices(devices, dtypes=(torch.float32, torch.bfloat16)) -> dict:
     """For every declared op and each (device, dtype) its probe covers: the backend ``auto`` picks here,
     and under ``key + " not chosen because"`` each other backend's reasons. Reporting runs no self-check: a
     backend that failed one in this process is passed over, one not checked yet is reported as if it passed."""
-    with _backend.selfcheck_running():
+    with _backend.selfcheck_running("report"):
         return _backend_choices(devices, dtypes)
 
 
