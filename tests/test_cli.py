@@ -446,3 +446,16 @@ def test_demo_refuses_an_existing_demo(capsys, tmp_path):
     rc, _, err = run(capsys, "demo", "--out", tmp_path, "--minutes", "1")
     assert_one_line_error(rc, err, "already holds a demo", "--overwrite")
     assert (tmp_path / "metrics.json").read_text() == "{}"
+
+
+def test_selftest_and_eval_are_subcommands(capsys, tmp_path):
+    from vqkernels.cli import main
+
+    # one small op on the CPU: every backend it has here passes, one line each and a summary
+    assert main(["selftest", "--device", "cpu", "--op", "code_usage"]) == 0
+    out = capsys.readouterr().out
+    assert "code_usage" in out and "selftest:" in out and "FAILED" not in out
+    # eval's bad input is one line and status 2, through the same command
+    assert main(["eval", "--checkpoint", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("vqkernels eval:"), err

@@ -8,6 +8,8 @@
     vqkernels encode --checkpoint DIR --out DIR IMAGE...      images -> code indices (.npy, (h, w) int64)
     vqkernels decode --checkpoint DIR --out DIR CODES.npy...  code indices -> images (.png)
     vqkernels sample --checkpoint DIR [--n 16] [--class-label C] --out DIR
+    vqkernels eval --checkpoint DIR [--data DIR|embedded] [--json]   a tokenizer's reconstruction quality
+    vqkernels selftest [--device cpu|cuda|all] [--op NAME...] [--json]   every runnable kernel vs the reference
     vqkernels info                 versions, device, what _C was built with, the backend each op picks
 
 The benchmarks run as `python benchmarks/run.py` (not a subcommand: they ship beside the package).
@@ -450,6 +452,18 @@ def build_parser() -> argparse.ArgumentParser:
     pi = sub.add_parser("info", help="versions, device, build and backend choice")
     pi.add_argument("--json", action="store_true", help="machine-readable output")
     pi.set_defaults(func=_cmd_info)
+
+    from . import evaluate, selftest
+
+    pst = sub.add_parser("selftest", help="every kernel this machine can run, checked against the reference "
+                                          "(run it after installing on a GPU machine)", **shown)
+    selftest.add_arguments(pst)
+    pst.set_defaults(func=selftest.main)
+
+    pe = sub.add_parser("eval", help="a tokenizer's reconstruction quality on images: PSNR, SSIM, LPIPS, codebook "
+                                     "usage and perplexity, rFID where its weights are present", **shown)
+    evaluate.add_arguments(pe)
+    pe.set_defaults(func=evaluate.main)
     return p
 
 
