@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
-# The GPU check, in stages that each fit one 10-minute command of a short GPU lease (an H100 for about
-# 30 minutes, bare, no network, at most 8 files back per command).
+# The GPU check, in stages ordered by value, each one device-tool command that stops itself at its budget and
+# still writes its results. A task's device time is 15 minutes in all (the machine's start, 1-2 minutes, and
+# every call included; at most 10 minutes a call), so the plan is held against 12 minutes by default:
 #
-#   bash scripts/gpu_check.sh --list             the stages, their time budgets and the exact commands
-#   bash scripts/gpu_check.sh STAGE [STAGE...]   run stages in order (each writes <= 8 files under $DEST)
-#   bash scripts/gpu_check.sh --rehearse STAGE   run a stage's test selection here, on the CPU, with the
-#                                                peer packages hidden, as the GPU image lacks them (CI)
-#   bash scripts/gpu_check.sh --dry-run STAGE    print what a stage would run and check it is well formed
+#   bash scripts/gpu_check.sh --list [--budget-min 12]   the stages in order, their budgets against the budget,
+#                                                         the exact commands; stages past it are listed apart
+#   bash scripts/gpu_check.sh STAGE [STAGE...]            run stages in order (each writes a few files under $DEST)
+#   bash scripts/gpu_check.sh all [--budget-min 12]       every stage that fits the budget, in order
+#   bash scripts/gpu_check.sh --rehearse STAGE            a stage's test selection here, on the CPU, with the
+#                                                         peer packages hidden, as the GPU image lacks them (CI)
+#   bash scripts/gpu_check.sh --dry-run STAGE             print what a stage would run and check it is well formed
 #
+# First the build and `vqkernels selftest --device cuda --json`: a verdict on every kernel on the GPU within the
+# first few minutes. Then the test files selftest cannot replace (streams, graphs, 2^31 indexing, TF32, the gate
+# and SDPA on a real GPU), compute-sanitizer's memcheck, then the benchmarks in order of what they decide
+# (attention: whether our kernels or SDPA go first on CUDA; search: the small-N Triton-first threshold; decode).
 # Results go to $OUT when it is set (the device tool's folder), else benchmarks/results/gpu-<date>/.
-# Each stage: one log, a summary JSON, and its CSV/JSON results; test files run one per process (a crash
-# or an illegal address in one cannot hide the others) and a failure never stops the stage early.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -18,63 +23,88 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ] && [ -z "${VQK_GPU:-}" ] && PY=.venv/bin/python
 
 # ---------------------------------------------------------------------------------------------------------
-# The stages. name | budget (s) | what. Test stages list their test files; bench stages their bench args.
-STAGES=(build tests-search tests-attention sanitize bench-search bench-attention bench-decode bench-models)
+# The stages, most valuable first. name | budget (s) | what. Test stages list their test files; bench stages
+# their arguments to benchmarks/run.py.
+STAGES=(selftest tests-gpu sanitize bench-attention bench-search bench-decode tests-kernels sanitize-race bench-models)
+BUDGET_MIN=12
 
 stage_budget() {
   case "$1" in
-    # Budgets sum to 27.5 minutes: a 30-minute lease less the machine's start. Each stage stops itself there.
-    build) echo 240 ;; tests-search) echo 255 ;; tests-attention) echo 255 ;; sanitize) echo 180 ;;
-    bench-search) echo 180 ;; bench-attention) echo 240 ;; bench-decode) echo 120 ;; bench-models) echo 180 ;;
+    # The first six sum to 12 minutes (a 15-minute allowance less the machine's start and the calls' overhead);
+    # the last three are listed past the budget, for a longer lease.
+    selftest) echo 270 ;; tests-gpu) echo 150 ;; sanitize) echo 90 ;;
+    bench-attention) echo 120 ;; bench-search) echo 60 ;; bench-decode) echo 30 ;;
+    tests-kernels) echo 300 ;; sanitize-race) echo 150 ;; bench-models) echo 180 ;;
     *) return 1 ;;
   esac
 }
 
 stage_what() {
   case "$1" in
-    build) echo "build _C with the CUDA kernels (fails loudly), vqkernels info, build/registration/sm_90 tests" ;;
-    tests-search) echo "nearest_code, vq_loss, code stats, quantizer modules, GPU-only cases (streams, graphs, 2^31, TF32)" ;;
-    tests-attention) echo "attention ops (Triton + CUDA fwd/bwd/decode), nn attention, models on the GPU" ;;
-    sanitize) echo "compute-sanitizer memcheck, racecheck, synccheck over small shapes of every CUDA and Triton kernel" ;;
-    bench-search) echo "nearest_code and quantizer benchmarks (GPU sizes), peers from the carried wheelhouse" ;;
-    bench-attention) echo "attention fwd and fwd+bwd (causal), bf16, Dh 64/128, T 256-8192: ours vs SDPA's flash, efficient, cuDNN backends" ;;
-    bench-decode) echo "cached decoding (flash-decoding) vs SDPA over a preallocated cache with a mask: tokens/s, GB/s" ;;
+    selftest) echo "build _C with the CUDA kernels (fails loudly), vqkernels info, vqkernels selftest --device cuda --json: every op x backend x dtype against the reference" ;;
+    tests-gpu) echo "what selftest cannot replace: streams, CUDA graphs, 2^31 indexing, TF32, the self-check gate and SDPA fallback on a real GPU" ;;
+    sanitize) echo "compute-sanitizer memcheck over small shapes of every CUDA and Triton kernel" ;;
+    bench-attention) echo "attention fwd and fwd+bwd (causal), bf16: ours vs SDPA's flash, efficient, cuDNN (decides cuda/triton before sdpa)" ;;
+    bench-search) echo "nearest_code, GPU sizes (decides the small-N Triton-first threshold)" ;;
+    bench-decode) echo "cached decoding vs SDPA over a preallocated cache with a mask: tokens/s, GB/s" ;;
+    tests-kernels) echo "the kernel test files on the GPU (every shape and option the tests have; selftest covers the edges)" ;;
+    sanitize-race) echo "compute-sanitizer racecheck and synccheck over the same small shapes" ;;
     bench-models) echo "VQGAN training step, GPT sampling (eager and as a CUDA graph) and training step vs taming / HF generate" ;;
   esac
 }
 
-# Test files per test stage (globs; a file that does not exist yet is reported, not an error).
+# Test files per test stage (a file that does not exist yet is reported, not an error).
 stage_tests() {
   case "$1" in
-    build) echo "tests/test_build.py tests/test_cuda_build.py tests/test_backend.py tests/test_triton_sm90.py" ;;
-    tests-search) echo "tests/test_nearest_code.py tests/test_vq_loss.py tests/test_nn_quantizer.py tests/test_gpu_only.py tests/test_bench.py" ;;
-    tests-attention) echo "tests/test_attention.py tests/test_attention_triton.py tests/test_nn_attention.py tests/test_models_vqgan.py tests/test_models_gpt.py" ;;
+    tests-gpu) echo "tests/test_gpu_only.py tests/test_selftest.py tests/test_backend.py" ;;
+    tests-kernels) echo "tests/test_nearest_code.py tests/test_vq_loss.py tests/test_attention.py tests/test_attention_triton.py tests/test_nn_quantizer.py tests/test_nn_attention.py" ;;
     *) echo "" ;;
   esac
 }
 
-# Benchmark arguments per bench stage (vqkernels bench ...), GPU sizes, each well inside the budget.
+# Arguments of `python benchmarks/run.py` per bench stage, GPU sizes; the runner's per-provider timeout is
+# inside the stage's budget, and the stage interrupts it (SIGINT) at the budget.
 stage_bench_args() {
   case "$1" in
-    bench-search) echo "--ops nearest_code quantizer --device cuda --repeats 5 --timeout 120" ;;
-    # The math backend and minGPT's explicit mask are orders of magnitude slower at long T: left to a longer lease.
-    bench-attention) echo "--ops attention --device cuda --modes fwd-causal fwdbwd-causal --providers cuda triton sdpa-flash sdpa-efficient sdpa-cudnn flash-attn --repeats 5 --timeout 120" ;;
-    bench-decode) echo "--ops attention --device cuda --modes decode --repeats 5 --timeout 60" ;;
+    bench-attention) echo "--ops attention --device cuda --modes fwd-causal fwdbwd-causal --providers cuda triton sdpa-flash sdpa-efficient sdpa-cudnn --repeats 5 --timeout 60" ;;
+    bench-search) echo "--ops nearest_code --device cuda --repeats 5 --timeout 30" ;;
+    bench-decode) echo "--ops attention --device cuda --modes decode --repeats 5 --timeout 20" ;;
     bench-models) echo "--ops models --device cuda --repeats 3 --timeout 150" ;;
     *) echo "" ;;
   esac
 }
 
+# The stages that fit $1 minutes, in order (a stage that does not fit ends the plan: the order is the value).
+planned_stages() {
+  local budget=$(( $1 * 60 )) total=0 s b
+  for s in "${STAGES[@]}"; do
+    b=$(stage_budget "$s"); total=$((total + b))
+    [ "$total" -le "$budget" ] || break
+    echo "$s"
+  done
+}
+
 list_stages() {
-  local total=0
-  echo "GPU check: ${#STAGES[@]} stages, one device-tool command each (run from the repository root; \$OUT set by the tool)."
+  local total=0 s b in_plan
+  in_plan=" $(planned_stages "$BUDGET_MIN" | tr '\n' ' ') "
+  echo "GPU check against a ${BUDGET_MIN}-minute budget (a 15-minute device allowance less the machine's start):"
+  echo "one device-tool command per stage, from the repository root, \$OUT set by the tool; each stops itself at its budget."
   echo "Carry: .whl (the peers' wheelhouse, see scripts/gpu_wheelhouse.sh) for the bench stages."
   for s in "${STAGES[@]}"; do
-    local b; b=$(stage_budget "$s"); total=$((total + b))
-    printf '%-16s %4ss  %s\n' "$s" "$b" "$(stage_what "$s")"
+    b=$(stage_budget "$s")
+    if [[ "$in_plan" == *" $s "* ]]; then
+      total=$((total + b))
+      printf '%-16s %4ss  (by %4s min)  %s\n' "$s" "$b" "$(awk "BEGIN { print $total / 60 }")" "$(stage_what "$s")"
+      printf '    command: VQK_GPU=1 bash scripts/gpu_check.sh %s\n' "$s"
+    fi
+  done
+  echo "sum of planned budgets: ${total}s of ${BUDGET_MIN} min"
+  echo "past the budget (a longer lease):"
+  for s in "${STAGES[@]}"; do
+    [[ "$in_plan" == *" $s "* ]] && continue
+    printf '%-16s %4ss  %s\n' "$s" "$(stage_budget "$s")" "$(stage_what "$s")"
     printf '    command: VQK_GPU=1 bash scripts/gpu_check.sh %s\n' "$s"
   done
-  echo "sum of budgets: ${total}s ($((total / 60)) min) of a 30-minute lease; machine start ~1-2 min; each stage stops itself at its budget"
 }
 
 DEST=${OUT:-benchmarks/results/gpu-$(date -u +%Y%m%d-%H%M%S)}
@@ -103,11 +133,15 @@ ensure_built() {
 run_tests() {
   local stage=$1 budget=$2; shift 2
   local files=("$@") per=$(( budget / ( ${#files[@]} > 0 ? ${#files[@]} : 1 ) )) json="$DEST/$stage-tests.json" rc_all=0
+  local t_end=$((SECONDS + budget))
   [ "$per" -lt 60 ] && per=60
   echo "{" > "$json"
   local first=1
   for f in "${files[@]}"; do
     if [ ! -f "$f" ]; then echo "-- $f: not in this checkout (skipped)"; continue; fi
+    local left=$((t_end - SECONDS))
+    [ "$per" -gt "$left" ] && per=$left
+    if [ "$per" -lt 10 ]; then echo "-- $f: the stage's budget is spent (not run)"; rc_all=1; continue; fi
     echo "== $f (limit ${per}s)"
     local t0=$SECONDS out rc
     out=$(timeout -k 10 "$per" $PY -m pytest -q -p no:cacheprovider ${PYTEST_EXTRA:-} "$f" 2>&1); rc=$?
@@ -135,32 +169,45 @@ run_stage() {
     export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
     unset TRITON_INTERPRET
     [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda ] && export CUDA_HOME=/usr/local/cuda
-    ensure_built || exit 1
+    local t0=$SECONDS
     case "$s" in
-      build)
+      selftest)
+        ensure_built || exit 1
         $PY -m vqkernels info
-        # shellcheck disable=SC2046
-        run_tests "$s" $((budget - 150)) $(stage_tests "$s") ;;
+        # SIGINT at the budget: selftest then prints what it has (its JSON says "interrupted")
+        timeout -s INT -k 15 $((budget - (SECONDS - t0) - 20)) \
+          $PY -m vqkernels.selftest --device cuda --json > "$DEST/selftest.json"
+        local rc=$?
+        $PY -c "import json, sys; d = json.load(open(sys.argv[1])); print('selftest:', d['summary'], 'in', d['seconds'], 's');
+[print(r['op'], r['backend'], r['device'], r['dtype'], r['status'].upper(), r['detail'][:300]) for r in d['results'] if r['status'] == 'failed']" "$DEST/selftest.json"
+        exit $rc ;;
       tests-*)
+        ensure_built || exit 1
         peer_wheels
         # shellcheck disable=SC2046
-        run_tests "$s" "$budget" $(stage_tests "$s") ;;
-      sanitize)
+        run_tests "$s" $((budget - (SECONDS - t0))) $(stage_tests "$s") ;;
+      sanitize|sanitize-race)
+        ensure_built || exit 1
         if ! command -v compute-sanitizer >/dev/null; then
           for d in /usr/local/cuda/bin /opt/nvidia/*/bin; do [ -x "$d/compute-sanitizer" ] && PATH=$d:$PATH; done
         fi
         command -v compute-sanitizer >/dev/null || { echo "compute-sanitizer not found"; exit 1; }
-        local rc=0
-        for tool in memcheck racecheck synccheck; do
+        local rc=0 tools=(memcheck) tool
+        [ "$s" = sanitize-race ] && tools=(racecheck synccheck)
+        local left=$((budget - (SECONDS - t0) - 5))
+        for tool in "${tools[@]}"; do
           echo "== compute-sanitizer --tool $tool"
-          timeout -k 10 $(( budget / 3 )) compute-sanitizer --tool "$tool" --error-exitcode 86 \
+          timeout -k 10 $(( left / ${#tools[@]} )) compute-sanitizer --tool "$tool" --error-exitcode 86 \
             $PY scripts/gpu_sanitize_cases.py --json "$DEST/sanitize-$tool.json" || rc=1
         done
         exit $rc ;;
       bench-*)
+        ensure_built || exit 1
         peer_wheels
+        # (the self-check ran in the selftest stage; the benchmarks time the kernels, not the check)
         # shellcheck disable=SC2046
-        timeout -k 10 "$budget" $PY -m vqkernels bench $(stage_bench_args "$s") --out "$DEST" ;;
+        VQKERNELS_SELFCHECK=never timeout -s INT -k 15 $((budget - (SECONDS - t0))) \
+          $PY benchmarks/run.py $(stage_bench_args "$s") --out "$DEST" ;;
     esac
   } 2>&1 | tee "$log"
   local rc=${PIPESTATUS[0]}
@@ -200,19 +247,33 @@ dry_run() {
   done
   local a; a=$(stage_bench_args "$s")
   if [ -n "$a" ]; then
-    echo "  vqkernels bench $a --out \$DEST"
+    echo "  python benchmarks/run.py $a --out \$DEST"
     # shellcheck disable=SC2086
-    $PY -m vqkernels bench $a --list >/dev/null || { echo "  bench arguments do not parse"; missing=1; }
+    # (this checkout's package, not whichever one the interpreter has installed)
+    PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" $PY benchmarks/run.py $a --list >/dev/null \
+      || { echo "  bench arguments do not parse"; missing=1; }
   fi
-  [ "$s" = sanitize ] && { [ -f scripts/gpu_sanitize_cases.py ] || { echo "  scripts/gpu_sanitize_cases.py missing"; missing=1; }; }
+  [ "$s" = selftest ] && echo "  python -m vqkernels.selftest --device cuda --json > \$DEST/selftest.json"
+  [ "${s#sanitize}" != "$s" ] && { [ -f scripts/gpu_sanitize_cases.py ] || { echo "  scripts/gpu_sanitize_cases.py missing"; missing=1; }; }
   return $missing
 }
 
+ARGS=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --budget-min) BUDGET_MIN=${2:?--budget-min needs minutes}; shift 2 ;;
+    --budget-min=*) BUDGET_MIN=${1#*=}; shift ;;
+    *) ARGS+=("$1"); shift ;;
+  esac
+done
+[[ "$BUDGET_MIN" =~ ^[0-9]+$ ]] || { echo "--budget-min takes whole minutes, got '$BUDGET_MIN'"; exit 2; }
+set -- "${ARGS[@]+"${ARGS[@]}"}"
+
 case "${1:-}" in
-  ""|-h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' ;;
+  ""|-h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//' ;;
   --list) list_stages ;;
   --rehearse) shift; rc=0; for s in "$@"; do DEST=${OUT:-$(mktemp -d)} rehearse "$s" || rc=1; done; exit $rc ;;
   --dry-run) shift; rc=0; for s in "$@"; do dry_run "$s" || rc=1; done; exit $rc ;;
-  all) rc=0; for s in "${STAGES[@]}"; do run_stage "$s" || rc=1; done; exit $rc ;;
+  all) rc=0; for s in $(planned_stages "$BUDGET_MIN"); do run_stage "$s" || rc=1; done; exit $rc ;;
   *) rc=0; for s in "$@"; do run_stage "$s" || rc=1; done; exit $rc ;;
 esac

@@ -72,6 +72,11 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="write the per-case results here")
     p.add_argument("--only", default=None, help="run only the cases whose name contains this")
     args = p.parse_args(argv)
+    import os
+
+    # The kernels themselves run under the sanitizer, each case naming its backend; the self-check gate would
+    # first run selftest's cases under it too (the selftest stage already checked them), doubling the time.
+    os.environ.setdefault("VQKERNELS_SELFCHECK", "never")
     import torch
 
     import vqkernels as vqk

@@ -181,3 +181,23 @@ def test_nearest_code_prefers_triton_for_few_rows_on_cuda():
     assert nc._priority("cuda", x=torch.empty(65536, 64, device="meta"), codebook=cb) is None
     assert nc._priority("cuda", x=x, codebook=torch.empty(512, 64, device="meta")) is None
     assert nc._priority("cpu", x=x, codebook=cb) is None
+
+
+def test_cuda_priority_puts_sdpa_before_the_reference():
+    order = _backend.PRIORITY["cuda"]
+    assert order.index("cuda") < order.index("triton") < order.index("sdpa") < order.index("torch")
+    assert "sdpa" not in _backend.PRIORITY["cpu"], "on CPU tensors our kernels and the reference serve"
+    # only attention declares sdpa; asking another op for it is refused with the reason
+    with pytest.raises(BackendNotSupported, match="nearest_code has no sdpa implementation"):
+        nearest_code(torch.randn(4, 8), torch.randn(3, 8), backend="sdpa")
+
+
+def test_selfcheck_mode_is_validated(monkeypatch):
+    monkeypatch.setenv("VQKERNELS_SELFCHECK", "maybe")
+    _backend.reset_selfcheck()
+    try:
+        with pytest.raises(ValueError, match="VQKERNELS_SELFCHECK must be one of"):
+            _backend.selfcheck_mode()
+    finally:
+        monkeypatch.undo()
+        _backend.reset_selfcheck()

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from vqkernels import cli
+from vqkernels import runs as R
 from vqkernels import train as T
 
 pytest.importorskip("vqkernels.models.two_stage")
@@ -99,7 +100,7 @@ def env(tmp_path_factory):
 def test_train_vqgan_writes_a_run(env):
     vq = env / "vq"
     assert (vq / "latest").read_text().strip() == "checkpoints/step_00000003"
-    ck = T.checkpoint_dir(vq)
+    ck = R.checkpoint_dir(vq)
     assert {"config.json", "model.safetensors", "discriminator.safetensors", "trainer.pt",
             "train_config.json"} <= {p.name for p in ck.iterdir()}
     log = [json.loads(line) for line in (vq / "log.jsonl").read_text().splitlines()]
@@ -153,7 +154,7 @@ def test_encode_decode_round_trip(env, capsys, tmp_path):
                      tmp_path / "codes" / "a.npy")
     assert rc == 0, err
     # decode(encode(x)) is the reconstruction of x
-    model = T.load_model(env / "vq", "vqgan")
+    model = R.load_model(env / "vq", "vqgan")
     with torch.no_grad():
         expect = model(load_image(img)[None])[0][0].clamp(-1, 1)
     got = load_image(tmp_path / "dec" / "a.png")
@@ -257,7 +258,7 @@ def test_bad_yaml(env, capsys, tmp_path, text, needle):
     rc, _, err = run(capsys, "train-vqgan", "--config", y, "--data", env / "data", "--out", tmp_path / "run",
                      *flags, "--device", "cpu", "--quiet")
     assert_one_line_error(rc, err, needle)
-    assert not (tmp_path / "run").exists() or not T.has_run(tmp_path / "run")
+    assert not (tmp_path / "run").exists() or not R.has_run(tmp_path / "run")
 
 
 def test_resume_without_a_checkpoint(env, capsys, tmp_path):
@@ -292,7 +293,7 @@ def test_resume_refuses_a_config_mismatch_and_continues_otherwise(env, capsys, t
     assert snapshot(tmp_path / "run") == before
     rc, out, err = run(capsys, "train-vqgan", "--out", tmp_path / "run", "--resume", "--steps", "4", "--quiet")
     assert rc == 0, err
-    assert "4 steps" in out and T.checkpoint_dir(tmp_path / "run").name == "step_00000004"
+    assert "4 steps" in out and R.checkpoint_dir(tmp_path / "run").name == "step_00000004"
 
 
 def test_wrong_kind_of_checkpoint(env, capsys, tmp_path):
@@ -311,7 +312,7 @@ def test_truncated_or_corrupt_checkpoint(env, capsys, tmp_path, what):
     import shutil
 
     shutil.copytree(env / "vq", tmp_path / "run")
-    f = T.checkpoint_dir(tmp_path / "run") / what
+    f = R.checkpoint_dir(tmp_path / "run") / what
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 2])
     before = snapshot(tmp_path / "run")
@@ -329,7 +330,7 @@ def test_checkpoint_weights_not_matching_their_config(env, capsys, tmp_path):
     import shutil
 
     shutil.copytree(env / "vq", tmp_path / "run")
-    cfg_file = T.checkpoint_dir(tmp_path / "run") / "config.json"
+    cfg_file = R.checkpoint_dir(tmp_path / "run") / "config.json"
     cfg = json.loads(cfg_file.read_text())
     cfg["n_embed"] = 64
     cfg_file.write_text(json.dumps(cfg))
@@ -391,11 +392,53 @@ def test_bad_inputs_of_the_model_commands(env, capsys, tmp_path):
     assert_one_line_error(rc, err, "does not exist")
 
 
-def test_info_and_bench_are_still_there(capsys):
+def test_info_is_still_there(capsys):
     rc, out, _ = run(capsys, "info", "--json")
     assert rc == 0 and "torch" in json.loads(out)
-    rc, out, _ = run(capsys, "bench", "--help")
-    assert rc == 0 and "usage: vqkernels bench" in out
+
+
+def test_inference_commands_do_not_import_the_training_code(env, tmp_path):
+    """reconstruct, encode, decode, sample and info need vqkernels.runs, not vqkernels.train (nor the demo)."""
+    img = env / "data" / "cats" / "img0.png"
+    commands = [["reconstruct", "--checkpoint", env / "vq", "--out", tmp_path / "rec", img],
+                ["encode", "--checkpoint", env / "vq", "--out", tmp_path / "codes", img],
+                ["decode", "--checkpoint", env / "vq", "--out", tmp_path / "dec", tmp_path / "codes" / "img0.npy"],
+                ["sample", "--checkpoint", env / "gpt", "--n", "2", "--class-label", "0", "--out", tmp_path / "s"],
+                ["info"]]
+    code = ("import json, sys\n"
+            "from vqkernels import cli\n"
+            "for argv in json.loads(sys.argv[1]):\n"
+            "    assert cli.main(argv + (['--device', 'cpu'] if argv[0] != 'info' else [])) == 0, argv\n"
+            "    loaded = [m for m in ('vqkernels.train', 'vqkernels.demo') if m in sys.modules]\n"
+            "    assert not loaded, f'{argv[0]} imported {loaded}'\n")
+    p = subprocess.run([sys.executable, "-c", code, json.dumps([[str(a) for a in c] for c in commands])],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert (tmp_path / "rec" / "img0.png").is_file() and (tmp_path / "s" / "samples.png").is_file()
+
+
+def test_flags_come_from_the_config_fields(capsys):
+    """Every scalar field of a training config is a flag whose --help gives the field's default."""
+    from vqkernels.runs import GPTTrainConfig, VQGANTrainConfig, flag_fields
+
+    for cmd, cls in (("train-vqgan", VQGANTrainConfig), ("train-gpt", GPTTrainConfig)):
+        rc, out, _ = run(capsys, cmd, "--help")
+        assert rc == 0
+        text = " ".join(out.split())  # (argparse wraps lines)
+        for f, tp, _ in flag_fields(cls):
+            assert "--" + f.name.replace("_", "-") in text, f.name
+        assert "--steps STEPS total optimizer steps of the run (default: 2000)" in text
+        assert "(default: runs/vqgan)" in text if cls is VQGANTrainConfig else "(default: runs/gpt)" in text
+    assert "(default: 0.0006)" in text and "(default: cosine)" in text  # (train-gpt's) the GPT's own defaults
+    assert {"lr", "steps", "vqgan", "conditional", "pkeep"} <= {f.name for f, _, _ in flag_fields(GPTTrainConfig)}
+    assert "model" not in {f.name for f, _, _ in flag_fields(GPTTrainConfig)}  # mappings are YAML-only
+    rc, out, _ = run(capsys, "demo", "--help")
+    assert rc == 0 and "(default: 10.0)" in out and "(default: vqkernels-demo)" in out
+
+
+def test_bench_is_no_longer_a_subcommand(capsys):
+    rc, _, err = run(capsys, "bench", "--help")
+    assert rc == 2 and "invalid choice: 'bench'" in err
 
 
 def test_demo_refuses_an_existing_demo(capsys, tmp_path):
@@ -403,3 +446,16 @@ def test_demo_refuses_an_existing_demo(capsys, tmp_path):
     rc, _, err = run(capsys, "demo", "--out", tmp_path, "--minutes", "1")
     assert_one_line_error(rc, err, "already holds a demo", "--overwrite")
     assert (tmp_path / "metrics.json").read_text() == "{}"
+
+
+def test_selftest_and_eval_are_subcommands(capsys, tmp_path):
+    from vqkernels.cli import main
+
+    # one small op on the CPU: every backend it has here passes, one line each and a summary
+    assert main(["selftest", "--device", "cpu", "--op", "code_usage"]) == 0
+    out = capsys.readouterr().out
+    assert "code_usage" in out and "selftest:" in out and "FAILED" not in out
+    # eval's bad input is one line and status 2, through the same command
+    assert main(["eval", "--checkpoint", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("vqkernels eval:"), err

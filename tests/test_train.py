@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from vqkernels import runs as R
 from vqkernels import train as T
 
 pytest.importorskip("vqkernels.models.two_stage")
@@ -45,7 +46,7 @@ def _vq_cfg(data, out, steps, **kw):
 def _tensors(folder):
     from safetensors.torch import load_file
 
-    ck = T.checkpoint_dir(folder)
+    ck = R.checkpoint_dir(folder)
     out = {f"{f.stem}.{k}": v for f in sorted(ck.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
     state = torch.load(ck / "trainer.pt", weights_only=True)
     return out, state
@@ -138,7 +139,7 @@ def test_sigint_saves_a_checkpoint_then_stops(tmp_path, monkeypatch):
     before = signal.getsignal(signal.SIGINT)
     s = T.train_vqgan(cfg, progress=False)
     assert s["interrupted"] and 3 <= s["steps"] < 50
-    ck = T.checkpoint_dir(tmp_path / "run")
+    ck = R.checkpoint_dir(tmp_path / "run")
     assert ck.name == f"step_{s['steps']:08d}"
     assert signal.getsignal(signal.SIGINT) is before  # the handler is put back
     umask = os.umask(0)
@@ -194,3 +195,46 @@ def test_two_processes_match_one_on_the_concatenated_batch(tmp_path):
     fresh = T.build_vqgan(cfg)[0]  # the runs' initial weights
     assert not torch.equal(fresh.state_dict()["encoder.conv_in.weight"], w1["model.encoder.conv_in.weight"])
     assert isinstance(fresh, VQModel)
+
+
+def test_a_killed_run_leaves_temporaries_that_the_next_start_sweeps(tmp_path):
+    """SIGKILL while a checkpoint is written (nothing can clean up) leaves the temporary checkpoint folder with a
+    half-written .model.safetensors.<random>.tmp; the next start removes it, and temporaries planted elsewhere in
+    the run folder, and nothing else."""
+    import subprocess
+    import sys
+
+    from vqkernels._io import is_temporary
+
+    data = _images(tmp_path / "data", n=6)
+    run = tmp_path / "run"
+    T.train_vqgan(_vq_cfg(data, run, 2), progress=False)
+    code = ("import os, signal, sys, safetensors.torch as st\n"
+            "from vqkernels import train as T\n"
+            "real = st.save_model\n"
+            "def killed(model, filename, metadata=None):\n"
+            "    real(model, filename, metadata=metadata)\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n"
+            "st.save_model = killed\n"
+            "cfg = T.resolve_config(T.VQGANTrainConfig, {'steps': 4}, sys.argv[1], resume=True)\n"
+            "T.train_vqgan(cfg, resume=True, progress=False)\n")
+    p = subprocess.run([sys.executable, "-c", code, str(run)], capture_output=True, text=True, timeout=600)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    left = [q for q in run.rglob("*") if is_temporary(q.name)]
+    assert any(q.name.startswith(".model.safetensors.") and q.name.endswith(".tmp") for q in left), left
+    assert any(q.parent.name == "checkpoints" and q.name.startswith(".step_00000004.") for q in left), left
+    # what other writers killed at the wrong moment would leave, and files of the user's that must stay
+    planted = [run / ".latest.k2j4h5g6.tmp", run / ".log.jsonl.a1b2c3d4.tmp",
+               run / "images" / ".step_00000002.png.x9y8z7w6.tmp.png"]
+    for q in planted:
+        q.write_text("stale")
+    keep = [run / "notes.txt", run / ".hidden", run / "images" / "mine.tmp"]
+    for q in keep:
+        q.write_text("mine")
+    assert R.checkpoint_dir(run).name == "step_00000002"  # the kill left the previous checkpoint in place
+
+    s = T.train_vqgan(T.resolve_config(T.VQGANTrainConfig, {"steps": 4}, str(run), resume=True), resume=True,
+                      progress=False)
+    assert s["steps"] == 4 and R.checkpoint_dir(run).name == "step_00000004"
+    assert not [q for q in run.rglob("*") if is_temporary(q.name)]
+    assert all(q.read_text() == "mine" for q in keep)

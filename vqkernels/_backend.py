@@ -10,6 +10,20 @@ The override, strongest first: the ``backend=`` argument of the functional API, 
 ``use_backend(...)`` context, the ``VQKERNELS_BACKEND`` environment variable, else ``"auto"``.
 ``auto`` takes the first capable backend in the device's priority order. A named backend that cannot
 take the input raises :class:`BackendNotSupported` listing its reasons: never a silent fallback.
+
+The self-check gate (``VQKERNELS_SELFCHECK=auto|always|never``, default ``auto``): a kernel serves a call only
+after it matched the reference on this device (:mod:`vqkernels.selftest`'s cases for the op, in that dtype).
+Under ``auto`` the GPU kernels (``triton``, ``cuda``) on CUDA tensors are checked; ``always`` checks every
+backend but ``torch`` (the reference itself), CPU ones too; ``never`` checks nothing. The check runs once per
+(op, backend, device, dtype) on the first eager call that would use it, before it serves that call; a pass is
+remembered in the process and in ``~/.cache/vqkernels/selfcheck.json`` (keyed by the package version, a hash
+of the build and of the kernels' sources, torch, CUDA, the driver and the device's name and capability), so a
+later process skips it. After that the gate costs a dictionary lookup. A backend that failed is skipped by
+``auto`` (one warning naming op, backend, device, dtype and the error) and raises
+:class:`BackendNotSupported` when named. No check runs while ``torch.compile`` traces or a CUDA graph is
+captured: the remembered result is used, and a kernel never checked yet serves unverified with one warning
+(a compiled graph keeps the backend it traced, so turning to a slower one there would last as long as the
+graph); run ``vqkernels selftest`` or one eager call first to have it checked.
 """
 from __future__ import annotations
 
@@ -22,11 +36,15 @@ from typing import Callable, Iterator
 
 import torch
 
-BACKENDS = ("torch", "cpu", "triton", "cuda")
+# ``sdpa``: PyTorch's own scaled_dot_product_attention made to compute our function (attention ops only).
+BACKENDS = ("torch", "cpu", "triton", "cuda", "sdpa")
+# The backends whose kernels are ours and run on a GPU: the ones the self-check gate checks under ``auto``.
+GPU_BACKENDS = ("triton", "cuda")
 
-# Fastest first, per device type. On CUDA the hand-written CUDA C++ kernel goes before Triton.
+# Fastest first, per device type. On CUDA the hand-written CUDA C++ kernel goes before Triton, then
+# PyTorch's SDPA where an op declares it (attention), then the reference.
 PRIORITY = {
-    "cuda": ("cuda", "triton", "torch"),
+    "cuda": ("cuda", "triton", "sdpa", "torch"),
     "cpu": ("cpu", "triton", "torch"),  # triton only runs on CPU tensors under TRITON_INTERPRET=1
 }
 DEFAULT_PRIORITY = ("torch",)
@@ -199,10 +217,12 @@ def select(op: str, backend: str | None, **args) -> str:
     """The backend that runs ``op`` on these (named) inputs, or :class:`BackendNotSupported` with reasons.
 
     Where the op declares a ``fallback`` (an implementation composed of other ops), that name comes
-    back instead of an error."""
+    back instead of an error. A backend that failed its self-check is passed over by ``auto`` and raises
+    when named (see the module's docstring)."""
     want = requested_backend(backend)
     spec = _spec(op)
     fallback = spec.fallback
+    primary = args.get(spec.primary)
     if want != "auto":
         reasons = not_supported_reasons(op, want, **args)
         if reasons and fallback:
@@ -211,9 +231,11 @@ def select(op: str, backend: str | None, **args) -> str:
             raise BackendNotSupported(
                 f"backend {want!r} cannot run {op} on these inputs: " + "; ".join(reasons)
             )
+        failed = _gate(op, want, primary)
+        if failed:
+            raise BackendNotSupported(f"backend {want!r} cannot run {op} on these inputs: {failed}")
         return want
     collected = []
-    primary = args.get(spec.primary)
     dev = primary.device.type if isinstance(primary, torch.Tensor) else "cpu"
     if callable(spec.priority):
         order = spec.priority(dev, **args)
@@ -222,7 +244,10 @@ def select(op: str, backend: str | None, **args) -> str:
     for b in order or PRIORITY.get(dev, DEFAULT_PRIORITY):
         reasons = not_supported_reasons(op, b, **args)
         if not reasons:
-            return b
+            failed = _gate(op, b, primary)
+            if not failed:
+                return b
+            reasons = [failed]
         collected.append(f"{b}: " + "; ".join(reasons))
     if fallback:
         return fallback
@@ -344,6 +369,326 @@ def triton_device_reasons(device: torch.device) -> list[str]:
     if err is not None:
         return [f"triton is not importable ({err})"]
     return []
+
+
+# --------------------------------------------------------------------------------------------
+# The self-check gate (see the module's docstring). The first call that would use a gated
+# (op, backend, device, dtype) runs vqkernels.selftest's cases for the op on that backend and device in that
+# dtype; after that, select() pays one dictionary lookup (_VERDICTS; benchmarks/bench_gate.py measures it).
+
+SELFCHECK_MODES = ("auto", "always", "never")
+CACHE_FORMAT = 1
+# (op, backend, torch.device, dtype) -> "" (may serve: passed, or not gated) or why it may not (it failed).
+_VERDICTS: dict = {}
+# The same keys -> what info() reports: {"status": "passed"|"failed"|"unchecked", "detail", "device", "source"}.
+_RESULTS: dict = {}
+_WARNED: set = set()
+_STATE: dict = {}  # "mode", "fingerprint", "disk" (the cache file's passes): read once per process
+# The keys whose check ran in this process, in order (tests and the benchmark read it).
+CHECKS_RUN: list = []
+# "check": a check is running (it names its backends; nothing gates); "report": info() asks what auto would pick
+# (failed backends are passed over, no new check runs).
+_CHECKING: contextvars.ContextVar[str] = contextvars.ContextVar("vqkernels_selfcheck_running", default="")
+
+
+class SelfCheckCacheWarning(UserWarning):
+    """The self-check cache file could not be read (it is then ignored) or written."""
+
+
+class SelfCheckFailed(RuntimeWarning):
+    """A kernel did not match the reference on this device: ``auto`` passes it over."""
+
+
+def selfcheck_mode() -> str:
+    """VQKERNELS_SELFCHECK, read once per process (``reset_selfcheck()`` reads it again)."""
+    mode = _STATE.get("mode")
+    if mode is None:
+        mode = os.environ.get("VQKERNELS_SELFCHECK", "auto").strip().lower() or "auto"
+        if mode not in SELFCHECK_MODES:
+            raise ValueError(f"VQKERNELS_SELFCHECK must be one of {SELFCHECK_MODES}, got {mode!r}")
+        _STATE["mode"] = mode
+    return mode
+
+
+def reset_selfcheck() -> None:
+    """Forget every verdict, the mode and the cache file's contents read in this process (tests)."""
+    _VERDICTS.clear()
+    _RESULTS.clear()
+    _WARNED.clear()
+    _STATE.clear()
+
+
+@contextlib.contextmanager
+def selfcheck_running(what: str = "check") -> Iterator[None]:
+    """``"check"``: the block runs checks itself (vqkernels.selftest), selection inside it does not gate.
+    ``"report"``: the block only reports choices (info): failed backends are passed over, no check runs."""
+    token = _CHECKING.set(what)
+    try:
+        yield
+    finally:
+        _CHECKING.reset(token)
+
+
+def gated(backend: str, device: torch.device, mode: str | None = None) -> bool:
+    """Whether ``backend`` must pass its self-check before it serves on ``device`` under ``mode``."""
+    mode = mode or selfcheck_mode()
+    if backend == "torch" or mode == "never":
+        return False
+    return mode == "always" or (device.type == "cuda" and backend in GPU_BACKENDS)
+
+
+def _gate(op: str, backend: str, primary) -> str:
+    """"" when ``backend`` may serve ``op`` on the primary tensor's device and dtype; else why it may not."""
+    if not isinstance(primary, torch.Tensor):
+        return ""
+    if torch.compiler.is_compiling():  # (Dynamo: _verdict is a constant it calls, never traces)
+        return _verdict(op, backend, str(primary.device), primary.dtype)
+    if _CHECKING.get() == "check":
+        return ""
+    v = _VERDICTS.get((op, backend, primary.device, primary.dtype))
+    if v is not None:
+        return v
+    return _verdict(op, backend, str(primary.device), primary.dtype)
+
+
+def _warn_once(key, message: str, category=RuntimeWarning) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        import warnings
+
+        warnings.warn(message, category, stacklevel=4)
+
+
+def _verdict(op: str, backend: str, device_str: str, dtype: torch.dtype) -> str:
+    device = torch.device(device_str)
+    key = (op, backend, device, dtype)
+    if not gated(backend, device):
+        _VERDICTS[key] = ""
+        return ""
+    if _CHECKING.get():  # a check names its backends itself; a report runs none
+        return ""
+    dname = str(dtype).replace("torch.", "")
+    ident = device_identity(device)
+    if cache_key(op, backend, ident, dtype) in _disk_passes():
+        _remember(key, "passed", "", ident, "cache")
+        return ""
+    if torch.compiler.is_compiling() or _capturing(device):
+        _RESULTS[key] = dict(status="unchecked", detail="first used under torch.compile / CUDA graph capture",
+                             device=ident, source="")
+        _warn_once(("unchecked",) + key,
+                   f"vqkernels: the {backend} kernel of {op} on {device} ({ident}) in {dname} serves unverified: its "
+                   "first call is under torch.compile tracing or CUDA graph capture, where no self-check runs. "
+                   "Run `vqkernels selftest` (or one eager call) first to have it checked.")
+        return ""
+    from . import selftest
+
+    with selfcheck_running():
+        res = selftest.check(op, backend, device, dtype)
+    CHECKS_RUN.append(key)
+    if res.status == "passed":
+        _remember(key, "passed", res.detail, ident, "check")
+        _record_pass(op, backend, ident, dtype)
+        return ""
+    if res.status == "failed":
+        why = f"its {dname} kernel failed the self-check on {device} ({ident}): {res.detail}"
+        _remember(key, "failed", why, ident, "check")
+        _VERDICTS[key] = why
+        _warn_once(("failed",) + key,
+                   f"vqkernels: the {backend} kernel of {op} failed its self-check on {device} ({ident}) in {dname}: "
+                   f"{res.detail}; auto passes it over (`vqkernels selftest` checks every kernel; "
+                   "VQKERNELS_SELFCHECK=never turns the check off)", SelfCheckFailed)
+        return _VERDICTS[key]
+    # No case of the op could run here (or it has none): it serves unverified, said once.
+    _remember(key, "unchecked", res.detail, ident, "check")
+    _warn_once(("unchecked",) + key, f"vqkernels: the {backend} kernel of {op} on {device} in {dname} serves "
+                                     f"unverified: {res.detail}")
+    return ""
+
+
+_verdict._dynamo_marked_constant = True
+
+
+def _remember(key, status: str, detail: str, ident: str, source: str) -> None:
+    _RESULTS[key] = dict(status=status, detail=detail, device=ident, source=source)
+    if status != "failed":
+        _VERDICTS[key] = ""
+
+
+def record_selfcheck(op: str, backend: str, device: torch.device, dtype: torch.dtype, passed: bool,
+                     detail: str = "") -> None:
+    """What ``vqkernels selftest`` found, for the gate of this process and (a pass) the cache file."""
+    ident = device_identity(device)
+    key = (op, backend, device, dtype)
+    if passed:
+        _remember(key, "passed", detail, ident, "selftest")
+        _record_pass(op, backend, ident, dtype)
+    else:
+        dname = str(dtype).replace("torch.", "")
+        why = f"its {dname} kernel failed the self-check on {device} ({ident}): {detail}"
+        _remember(key, "failed", why, ident, "selftest")
+        _VERDICTS[key] = why
+
+
+def selfcheck_results() -> dict:
+    """{"op/backend/device/dtype": {"status", "detail", "device", "source"}} for every check this process knows."""
+    return {f"{op}/{b}/{dev}/{str(dt).replace('torch.', '')}": dict(r) for (op, b, dev, dt), r in _RESULTS.items()}
+
+
+def _capturing(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        return torch.cuda.is_current_stream_capturing()
+    except Exception:  # noqa: BLE001
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def device_identity(device: torch.device) -> str:
+    """What a check's verdict holds for: the GPU's name and compute capability, or the CPU's model and ISA."""
+    if device.type == "cuda":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(idx)
+        return f"{torch.cuda.get_device_name(idx)} sm_{major}{minor}"
+    if device.type == "cpu":
+        return f"{cpu_model()}{' avx512' if cpu_has_avx512() else ''}{' amx-bf16' if cpu_has_bf16_gemm() else ''}"
+    return device.type
+
+
+def cache_key(op: str, backend: str, ident: str, dtype: torch.dtype) -> str:
+    return f"{op}|{backend}|{ident}|{str(dtype).replace('torch.', '')}"
+
+
+def selfcheck_cache_path() -> str:
+    """$VQKERNELS_CACHE_DIR, else $XDG_CACHE_HOME/vqkernels, else ~/.cache/vqkernels; the file selfcheck.json."""
+    d = os.environ.get("VQKERNELS_CACHE_DIR")
+    if not d:
+        d = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                         "vqkernels")
+    return os.path.join(d, "selfcheck.json")
+
+
+def _hash_file(h, path: str) -> None:
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError:
+        h.update(b"<unreadable>")
+
+
+def _driver_version() -> str:
+    try:
+        with open("/proc/driver/nvidia/version") as f:
+            return f.readline().strip()
+    except OSError:
+        return ""
+
+
+def build_fingerprint() -> dict:
+    """What a cached verdict depends on besides the device: the package version, the build (a hash of _C and of
+    every kernel's and case's source), torch, CUDA, the driver, triton. Computed once per process."""
+    fp = _STATE.get("fingerprint")
+    if fp is None:
+        import hashlib
+        from importlib import metadata
+
+        from . import __version__
+
+        h = hashlib.sha256()
+        here = os.path.dirname(os.path.abspath(__file__))
+        c = c_extension()
+        _hash_file(h, c.__file__) if c is not None and getattr(c, "__file__", None) else h.update(b"no _C")
+        for root, dirs, files in sorted(os.walk(os.path.join(here, "ops"))):
+            dirs.sort()
+            for name in sorted(files):
+                if name.endswith(".py"):
+                    h.update(name.encode())
+                    _hash_file(h, os.path.join(root, name))
+        _hash_file(h, os.path.join(here, "selftest.py"))
+        try:
+            triton_version = metadata.version("triton")
+        except Exception:  # noqa: BLE001
+            triton_version = None
+        fp = dict(vqkernels=__version__, build=h.hexdigest()[:16], torch=torch.__version__,
+                  cuda=torch.version.cuda, driver=_driver_version(), triton=triton_version)
+        _STATE["fingerprint"] = fp
+    return fp
+
+
+def _fingerprint_id() -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(build_fingerprint(), sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _read_cache() -> dict:
+    """The cache file's passes for this fingerprint ({} when absent, stale or unreadable: never an error)."""
+    import json
+
+    path = selfcheck_cache_path()
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        if not isinstance(data, dict) or not isinstance(data.get("passed", {}), dict):
+            raise ValueError("not a vqkernels self-check cache")
+    except FileNotFoundError:
+        return {}
+    except Exception as e:  # noqa: BLE001 -- a corrupt cache is ignored (and rewritten), never a crash
+        _warn_once(("cache", path), f"vqkernels: ignoring the self-check cache {path} ({type(e).__name__}: {e}); "
+                                    "the kernels are checked again", SelfCheckCacheWarning)
+        return {}
+    if data.get("format") != CACHE_FORMAT or data.get("fingerprint") != _fingerprint_id():
+        return {}  # another version, build, torch, CUDA or driver: every verdict is stale
+    return dict(data.get("passed", {}))
+
+
+def _disk_passes() -> dict:
+    if "disk" not in _STATE:
+        _STATE["disk"] = _read_cache()
+    return _STATE["disk"]
+
+
+def _record_pass(op: str, backend: str, ident: str, dtype: torch.dtype) -> None:
+    """Add a pass to the cache file (atomically; entries of another fingerprint are dropped)."""
+    import datetime
+    import json
+    import tempfile
+
+    passes = _disk_passes()
+    passes.update(_read_cache())  # another process may have added some since
+    passes[cache_key(op, backend, ident, dtype)] = datetime.datetime.now(datetime.timezone.utc).isoformat(
+        timespec="seconds")
+    path = selfcheck_cache_path()
+    data = dict(format=CACHE_FORMAT, fingerprint=_fingerprint_id(), about=build_fingerprint(), passed=passes)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".selfcheck-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=1, sort_keys=True)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    except OSError as e:  # a read-only home: the verdict still holds for this process
+        _warn_once(("cache-write", path), f"vqkernels: could not write the self-check cache {path} ({e})",
+                   SelfCheckCacheWarning)
 
 
 # The output buffers a kernel fills live with the shared argument checks (re-exported: every op and

@@ -10,14 +10,7 @@ from . import __version__, _backend
 
 
 def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _backend.cpu_model()
 
 
 def _import_every_op() -> dict:
@@ -40,7 +33,13 @@ def _import_every_op() -> dict:
 
 def backend_choices(devices, dtypes=(torch.float32, torch.bfloat16)) -> dict:
     """For every declared op and each (device, dtype) its probe covers: the backend ``auto`` picks here,
-    and under ``key + " not chosen because"`` each other backend's reasons."""
+    and under ``key + " not chosen because"`` each other backend's reasons. Reporting runs no self-check: a
+    backend that failed one in this process is passed over, one not checked yet is reported as if it passed."""
+    with _backend.selfcheck_running("report"):
+        return _backend_choices(devices, dtypes)
+
+
+def _backend_choices(devices, dtypes) -> dict:
     picks = {f"ops/{name} (does not import)": err for name, err in _import_every_op().items()}
     for op in _backend.declared_ops():
         spec = _backend._SPECS[op]
@@ -58,7 +57,8 @@ def backend_choices(devices, dtypes=(torch.float32, torch.bfloat16)) -> dict:
                 except Exception as e:  # noqa: BLE001 -- report, don't fail
                     picks[key] = f"none ({e})"
                 reasons = _backend.explain(op, **args)
-                picks[key + " not chosen because"] = {b: r for b, r in reasons.items() if r}
+                # (a backend the op does not declare at all, e.g. sdpa for all but attention, is not news)
+                picks[key + " not chosen because"] = {b: r for b, r in reasons.items() if r and b in spec.backends}
     return picks
 
 
@@ -93,6 +93,12 @@ def collect() -> dict:
     d["override"] = env
     picks = backend_choices(["cpu"] + (["cuda"] if cuda_ok else []))
     d["backend_choice"] = picks
+    try:
+        mode = _backend.selfcheck_mode()
+    except ValueError as e:
+        mode = f"invalid ({e})"
+    d["selfcheck"] = dict(mode=mode, cache=_backend.selfcheck_cache_path(), results=_backend.selfcheck_results(),
+                          cached_passes=sorted(_backend._disk_passes()))
     return d
 
 
@@ -118,4 +124,16 @@ def format_info(d: dict) -> str:
                 lines.append(f"    {b}: {'; '.join(r)}")
         else:
             lines.append(f"  {k} -> {v}")
+    sc = d.get("selfcheck")
+    if sc:
+        lines.append(f"self-check (VQKERNELS_SELFCHECK={sc['mode']}; passes cached in {sc['cache']}; "
+                     "`vqkernels selftest` checks every kernel):")
+        lines.append(f"  {len(sc['cached_passes'])} passes cached for this build, torch, driver and device")
+        if not sc["results"]:
+            lines.append("  no kernel checked in this process")
+        for k, r in sc["results"].items():
+            status = {"failed": "FAILED"}.get(r["status"], r["status"])
+            src = f" ({r['source']})" if r.get("source") else ""
+            lines.append(f"  {k} [{r['device']}]: {status}{src}" + (f": {r['detail']}" if r["status"] != "passed"
+                                                                   and r["detail"] else ""))
     return "\n".join(lines)

@@ -8,8 +8,11 @@
     vqkernels encode --checkpoint DIR --out DIR IMAGE...      images -> code indices (.npy, (h, w) int64)
     vqkernels decode --checkpoint DIR --out DIR CODES.npy...  code indices -> images (.png)
     vqkernels sample --checkpoint DIR [--n 16] [--class-label C] --out DIR
+    vqkernels eval --checkpoint DIR [--data DIR|embedded] [--json]   a tokenizer's reconstruction quality
+    vqkernels selftest [--device cpu|cuda|all] [--op NAME...] [--json]   every runnable kernel vs the reference
     vqkernels info                 versions, device, what _C was built with, the backend each op picks
-    vqkernels bench [options]      the benchmark suite (defaults: this machine's sizes); see --help
+
+The benchmarks run as `python benchmarks/run.py` (not a subcommand: they ship beside the package).
 
 A mistake in the input (a missing folder, a bad flag or YAML key, a checkpoint of the wrong kind, ...)
 ends with one line on stderr and exit status 2, and writes nothing. Ctrl-C during training saves a
@@ -32,42 +35,43 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+class _ShowDefaults(argparse.HelpFormatter):
+    """--help gives each option's default (argparse's ArgumentDefaultsHelpFormatter, less 'None' and 'False')."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        hidden = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if action.option_strings and not hidden and "%(default)" not in help:
+            help += " (default: %(default)s)"
+        return help
+
+
 class UsageError(Exception):
     """Bad input found after parsing: printed as one line, exit status 2."""
 
 
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {v}")
-    return v
+def _number(tp: type, rule: str | None = None):
+    """An argparse type: an ``int`` or ``float`` within ``rule`` (a vqkernels.runs.RANGES key: "positive",
+    "nonneg", "fraction"), the same rule and words as the training configs' own check."""
+    from .runs import RANGES, range_problem
 
+    what = RANGES[rule][1 if tp is int else 2] if rule else ("an integer" if tp is int else "a number")
 
-def _positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
-    if not v > 0 or v != v or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {s}")
-    return v
+    def parse(s: str):
+        try:
+            v = tp(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
+        problem = range_problem(rule, v, tp is int)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return v
 
-
-def _nonneg_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
+    return parse
 
 
 # ---------------------------------------------------------------------------------------------
-# info and bench (owned elsewhere; kept as they were)
+# info (owned elsewhere; kept as it was)
 
 def _cmd_info(args) -> int:
     import vqkernels
@@ -79,40 +83,36 @@ def _cmd_info(args) -> int:
     return 0
 
 
-def _cmd_bench(args) -> int:
-    from .bench import runner
-
-    return int(runner.run(args) or 0)
-
-
 # ---------------------------------------------------------------------------------------------
 # training
 
-# flag name -> config key; flags left out (None) do not override the YAML or the defaults
-_TRAIN_FLAGS = ("data", "out", "steps", "batch_size", "lr", "seed", "device", "precision", "compile", "crop_size",
-                "minutes", "num_workers", "log_every", "image_every", "checkpoint_every")
+def _add_train_flags(p: argparse.ArgumentParser, cls) -> None:
+    """--config, one flag per scalar field of the training config ``cls`` (its help, range and default from the
+    field), --resume / --overwrite, --quiet. A flag left out is None: it does not override the YAML or the
+    checkpoint's config."""
+    from .runs import RESUMABLE, flag_fields
 
-
-def _add_train_flags(p: argparse.ArgumentParser, kind: str) -> None:
-    p.add_argument("--config", metavar="YAML", help="a YAML file of config keys (flags given here win over it)")
-    p.add_argument("--data", metavar="DIR", help="a folder of images (searched recursively) or 'embedded' "
-                   "(scikit-image's photographs, the default)")
-    p.add_argument("--out", metavar="DIR", help=f"the run folder (default runs/{kind})")
-    p.add_argument("--steps", type=_positive_int, help="total optimizer steps of the run")
-    p.add_argument("--batch-size", dest="batch_size", type=_positive_int, help="images per step (per process)")
-    p.add_argument("--lr", type=_positive_float, help="learning rate")
-    p.add_argument("--seed", type=int, help="random seed (weights, data order, crops)")
-    p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
-    p.add_argument("--precision", choices=("fp32", "bf16"), help="fp32 (default) or bf16 autocast")
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    p.add_argument("--crop-size", dest="crop_size", type=_positive_int, help="square crop size in pixels (default 64)")
-    p.add_argument("--minutes", type=_positive_float, help="stop (with a checkpoint) after this much training time")
-    p.add_argument("--num-workers", dest="num_workers", type=_nonneg_int, help="DataLoader worker processes")
-    p.add_argument("--log-every", dest="log_every", type=_positive_int, help="steps between log lines")
-    p.add_argument("--image-every", dest="image_every", type=_positive_int, help="steps between PNG grids")
-    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=_positive_int, help="steps between checkpoints")
+    p.add_argument("--config", metavar="YAML", help="a YAML file of config keys (flags given here win over it; "
+                   "lists and mappings such as model, loss, betas are set there)")
+    for f, tp, choices in flag_fields(cls):
+        meta = f.metadata
+        help = meta.get("help", "").replace("%", "%%")
+        if f.default is False:
+            help += " (default: off)"
+        elif f.default not in (None, ""):
+            help += f" (default: {f.default})"
+        kw = dict(dest=f.name, default=None, help=help)
+        if tp is bool:  # (a default of None means 'decided by the run': both --x and --no-x)
+            kw["action"] = argparse.BooleanOptionalAction if f.default is None else "store_true"
+        elif choices:
+            kw["choices"] = choices
+        else:
+            kw["type"] = _number(tp, meta.get("check")) if tp in (int, float) else str
+            kw["metavar"] = meta.get("metavar")
+        p.add_argument("--" + f.name.replace("_", "-"), **kw)
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint "
+                   f"(of its config, only {', '.join(sorted(RESUMABLE))} may change)")
     g.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -139,28 +139,31 @@ def _read_yaml(path) -> dict:
     return d
 
 
-def _overrides(args, extra=()) -> dict:
+def _overrides(args, cls) -> dict:
+    """The YAML's keys, and over them the flags given."""
+    from .runs import flag_fields
+
     d = _read_yaml(args.config) if args.config else {}
-    for k in _TRAIN_FLAGS + tuple(extra):
-        v = getattr(args, k, None)
+    for f, _, _ in flag_fields(cls):
+        v = getattr(args, f.name)
         if v is not None:
-            d[k] = v
+            d[f.name] = v
     return d
 
 
 def _train(args, kind: str) -> int:
-    from . import train as T
+    from . import train
+    from .runs import GPTTrainConfig, VQGANTrainConfig, checkpoint_dir, resolve_config
 
-    cls = T.VQGANTrainConfig if kind == "vqgan" else T.GPTTrainConfig
-    extra = ("vqgan", "conditional") if kind == "gpt" else ()
-    overrides = _overrides(args, extra)
+    cls = VQGANTrainConfig if kind == "vqgan" else GPTTrainConfig
+    overrides = _overrides(args, cls)
     where = f"--config {args.config}" if args.config else "flags"
-    cfg = T.resolve_config(cls, overrides, overrides.get("out", cls.out), resume=args.resume, where=where)
-    fn = T.train_vqgan if kind == "vqgan" else T.train_gpt
+    cfg = resolve_config(cls, overrides, overrides.get("out", cls.out), resume=args.resume, where=where)
+    fn = train.train_vqgan if kind == "vqgan" else train.train_gpt
     summary = fn(cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet)
     if not _is_main_rank():
         return 0
-    ck = T.checkpoint_dir(cfg.out)
+    ck = checkpoint_dir(cfg.out)
     msg = (f"{summary['steps']} steps, {summary['wall_s']:.1f} s of training ({summary['images_per_s']:.1f} images/s); "
            f"checkpoint {ck}")
     if summary.get("val_loss") is not None:
@@ -192,7 +195,7 @@ def _cmd_train_gpt(args) -> int:
 # using checkpoints
 
 def _device(args):
-    from .train import resolve_device
+    from .runs import resolve_device
 
     return resolve_device(getattr(args, "device", None) or "auto")
 
@@ -255,7 +258,7 @@ def _pad_to(x, f: int):
 def _vqgan_job(args, ext: str):
     """What reconstruct and encode share: the images (read first, so a bad one fails before any work), the VQGAN
     checkpoint, the output folder and one output path per image, the downsampling factor and the model's device."""
-    from .train import load_model
+    from .runs import load_model
 
     imgs = _load_images(args.images)
     paths = [Path(p) for p in args.images]
@@ -267,7 +270,7 @@ def _vqgan_job(args, ext: str):
 def _cmd_reconstruct(args) -> int:
     import torch
 
-    from .data import to_image
+    from .data import save_image
 
     paths, imgs, model, outs, f, device = _vqgan_job(args, ".png")
     psnrs = []
@@ -278,22 +281,18 @@ def _cmd_reconstruct(args) -> int:
             mse = float(((rec[0] - img) * 0.5).pow(2).mean())
             psnr = 10 * __import__("math").log10(1.0 / max(mse, 1e-12))
             psnrs.append(psnr)
-            _save_png(to_image(rec[0]), o)
+            save_image(rec[0], o)
             print(f"{p}: PSNR {psnr:.2f} dB -> {o}")
     if len(psnrs) > 1:
         print(f"mean PSNR {sum(psnrs) / len(psnrs):.2f} dB over {len(psnrs)} images")
     return 0
 
 
-def _save_png(img, path: Path) -> None:
-    tmp = path.with_name("." + path.name + ".tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
 def _cmd_encode(args) -> int:
     import numpy as np
     import torch
+
+    from ._io import atomic_path
 
     paths, imgs, model, outs, f, device = _vqgan_job(args, ".npy")
     with torch.no_grad():
@@ -305,9 +304,8 @@ def _cmd_encode(args) -> int:
                 if min(img.shape[-2:]) == 0:
                     raise UsageError(f"{p}: {H}x{W} is smaller than the downsampling factor {f}")
             idx = model.tokenize(img[None].to(device))[0].cpu().numpy().astype(np.int64)  # (h, w)
-            tmp = o.with_name("." + o.name + ".tmp.npy")
-            np.save(tmp, idx)
-            os.replace(tmp, o)
+            with atomic_path(o, suffix=".npy") as tmp:  # (np.save adds .npy to a name without it)
+                np.save(tmp, idx)
             print(f"{p}: {idx.shape[0]}x{idx.shape[1]} codes -> {o}")
     return 0
 
@@ -316,8 +314,8 @@ def _cmd_decode(args) -> int:
     import numpy as np
     import torch
 
-    from .data import to_image
-    from .train import load_model
+    from .data import save_image
+    from .runs import load_model
 
     if not args.codes:
         raise UsageError("no code files given")
@@ -344,7 +342,7 @@ def _cmd_decode(args) -> int:
     with torch.no_grad():
         for p, o, g in zip(paths, outs, grids):
             img = model.decode_code(g[None].to(device))[0].float().clamp(-1, 1).cpu()
-            _save_png(to_image(img), o)
+            save_image(img, o)
             print(f"{p} -> {o}")
     return 0
 
@@ -352,8 +350,8 @@ def _cmd_decode(args) -> int:
 def _cmd_sample(args) -> int:
     import torch
 
-    from .data import to_image
-    from .train import checkpoint_dir, load_model
+    from .data import save_grid, save_image
+    from .runs import checkpoint_dir, load_model
 
     model = load_model(args.checkpoint, "gpt", _device(args))
     n_classes = model.config.n_classes
@@ -364,19 +362,15 @@ def _cmd_sample(args) -> int:
             raise UsageError(f"--class-label {args.class_label}: the model has classes 0..{n_classes - 1}")
     elif n_classes is not None:
         raise UsageError(f"--class-label: this GPT is class-conditional; give a class in 0..{n_classes - 1}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
     out = _out_dir(args.out)
     device = next(model.parameters()).device
     g = torch.Generator(device=device).manual_seed(args.seed)
     imgs = model.sample(args.n, class_label=args.class_label, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, generator=g).float().clamp(-1, 1).cpu()
     stats = getattr(model.transformer, "last_generate_stats", None)
-    from .train import _save_grid
-
     for i, img in enumerate(imgs):
-        _save_png(to_image(img), out / f"sample_{i:03d}.png")
-    _save_grid(out / "samples.png", [imgs], nrow=min(8, args.n))
+        save_image(img, out / f"sample_{i:03d}.png")
+    save_grid(out / "samples.png", [imgs], nrow=min(8, args.n))
     cls = ""
     if args.class_label is not None:
         names = checkpoint_dir(args.checkpoint).parent.parent / "classes.json"
@@ -390,7 +384,7 @@ def _cmd_sample(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from .train import run_demo
+    from .demo import run_demo
 
     return run_demo(out=args.out, minutes=args.minutes, device=args.device, seed=args.seed,
                     overwrite=args.overwrite, progress=not args.quiet)
@@ -402,32 +396,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="vqkernels", description="Fused vector-quantization kernels, and the VQGAN + GPT stack on them.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    pd = sub.add_parser("demo", help="train a small VQGAN and GPT on scikit-image's photographs (~10 min on 2 cores)")
-    pd.add_argument("--out", default="vqkernels-demo", help="output folder (default ./vqkernels-demo)")
-    pd.add_argument("--minutes", type=_positive_float, default=10.0, help="total time budget (default 10)")
-    pd.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
-    pd.add_argument("--seed", type=int, default=0)
+    shown = dict(formatter_class=_ShowDefaults)
+    pd = sub.add_parser("demo", help="train a small VQGAN and GPT on scikit-image's photographs (~10 min on 2 cores)",
+                        **shown)
+    pd.add_argument("--out", default="vqkernels-demo", help="output folder")
+    pd.add_argument("--minutes", type=_number(float, "positive"), default=10.0, help="total time budget")
+    pd.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    pd.add_argument("--seed", type=_number(int), default=0, help="random seed")
     pd.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
     pd.add_argument("--quiet", action="store_true", help="no progress bars")
     pd.set_defaults(func=_cmd_demo)
 
+    from .runs import GPTTrainConfig, VQGANTrainConfig
+
     pv = sub.add_parser("train-vqgan", help="train the VQGAN (first stage)")
-    _add_train_flags(pv, "vqgan")
+    _add_train_flags(pv, VQGANTrainConfig)
     pv.set_defaults(func=_cmd_train_vqgan)
 
     pg = sub.add_parser("train-gpt", help="train the GPT over a trained VQGAN's codes (second stage)")
-    pg.add_argument("--vqgan", metavar="DIR", help="the first stage: a train-vqgan run folder or a VQModel folder")
-    pg.add_argument("--conditional", action="store_true", default=None,
-                    help="class-conditional on the top-level subfolder (embedded: on the photograph)")
-    _add_train_flags(pg, "gpt")
+    _add_train_flags(pg, GPTTrainConfig)
     pg.set_defaults(func=_cmd_train_gpt)
 
     def vqgan_files_command(name, help, func, inputs, metavar, checkpoint_help=None, out_help=None):
         """A VQGAN command over files: --checkpoint DIR, --out DIR, --device, then the input files."""
-        pf = sub.add_parser(name, help=help)
+        pf = sub.add_parser(name, help=help, **shown)
         pf.add_argument("--checkpoint", required=True, metavar="DIR", help=checkpoint_help)
         pf.add_argument("--out", required=True, metavar="DIR", help=out_help)
-        pf.add_argument("--device", default="auto")
+        pf.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
         pf.add_argument(inputs, nargs="+", metavar=metavar)
         pf.set_defaults(func=func)
 
@@ -439,29 +434,36 @@ def build_parser() -> argparse.ArgumentParser:
     vqgan_files_command("decode", "code indices (.npy, (h, w)) -> images (<name>.png)", _cmd_decode,
                         "codes", "CODES.npy")
 
-    ps = sub.add_parser("sample", help="images sampled from a trained GPT + VQGAN")
+    ps = sub.add_parser("sample", help="images sampled from a trained GPT + VQGAN", **shown)
     ps.add_argument("--checkpoint", required=True, metavar="DIR", help="a train-gpt run folder (or the demo's gpt/)")
     ps.add_argument("--out", required=True, metavar="DIR")
-    ps.add_argument("--n", type=_positive_int, default=16, help="how many images (default 16)")
-    ps.add_argument("--class-label", dest="class_label", type=int, help="the class of a class-conditional model")
-    ps.add_argument("--temperature", type=_positive_float, default=1.0)
-    ps.add_argument("--top-k", dest="top_k", type=_positive_int, default=100)
-    ps.add_argument("--top-p", dest="top_p", type=float, default=None)
-    ps.add_argument("--seed", type=int, default=0)
-    ps.add_argument("--device", default="auto")
+    ps.add_argument("--n", type=_number(int, "positive"), default=16, help="how many images")
+    ps.add_argument("--class-label", dest="class_label", type=_number(int),
+                    help="the class of a class-conditional model")
+    ps.add_argument("--temperature", type=_number(float, "positive"), default=1.0, help="softmax temperature")
+    ps.add_argument("--top-k", dest="top_k", type=_number(int, "positive"), default=100, help="sample among the k "
+                    "likeliest codes")
+    ps.add_argument("--top-p", dest="top_p", type=_number(float, "fraction"), default=None,
+                    help="sample among the likeliest codes of this much probability")
+    ps.add_argument("--seed", type=_number(int), default=0, help="random seed")
+    ps.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     ps.set_defaults(func=_cmd_sample)
 
     pi = sub.add_parser("info", help="versions, device, build and backend choice")
     pi.add_argument("--json", action="store_true", help="machine-readable output")
     pi.set_defaults(func=_cmd_info)
-    pb = sub.add_parser("bench", help="run the benchmark suite and write stamped CSV/JSON/plot")
-    try:
-        from .bench import runner
 
-        runner.add_arguments(pb)
-    except ImportError as e:  # pragma: no cover -- the bench package ships with vqkernels
-        pb.add_argument("--_unavailable", default=str(e))
-    pb.set_defaults(func=_cmd_bench)
+    from . import evaluate, selftest
+
+    pst = sub.add_parser("selftest", help="every kernel this machine can run, checked against the reference "
+                                          "(run it after installing on a GPU machine)", **shown)
+    selftest.add_arguments(pst)
+    pst.set_defaults(func=selftest.main)
+
+    pe = sub.add_parser("eval", help="a tokenizer's reconstruction quality on images: PSNR, SSIM, LPIPS, codebook "
+                                     "usage and perplexity, rFID where its weights are present", **shown)
+    evaluate.add_arguments(pe)
+    pe.set_defaults(func=evaluate.main)
     return p
 
 
@@ -478,7 +480,7 @@ def main(argv=None) -> int:
         return args.func(args)
     from .data import DataError
     from .models._checkpoint import CheckpointError
-    from .train import TrainError
+    from .runs import TrainError
 
     old = warnings.showwarning
     warnings.showwarning = _one_line_warnings

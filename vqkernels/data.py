@@ -7,6 +7,7 @@
   crop (never skipped); then a random ``crop_size`` square and a random horizontal flip.
   Unreadable or corrupt files are skipped with one warning that counts them; a folder with no readable
   image is an error (:class:`DataError`).
+- :func:`load_image` / :func:`save_image` / :func:`save_grid`: one image file in, one out (atomically), a grid.
 - :func:`embedded_dataset`: the real photographs that scikit-image ships inside its package (astronaut,
   chelsea, coffee, rocket, the Hubble deep field, ...; not its synthetic, binary or text images), at their
   own size (a short side above 512 reduced to 512), with a held-out split by image: the held-out images are never trained
@@ -28,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from ._io import atomic_path
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
@@ -55,6 +58,21 @@ def to_image(t: torch.Tensor):
 
     a = ((t.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(a, "RGB")
+
+
+def save_image(t: torch.Tensor, path) -> None:
+    """(3, H, W) in [-1, 1] -> a PNG file, written atomically."""
+    with atomic_path(path, suffix=".png") as tmp:
+        to_image(t).save(tmp, format="PNG")
+
+
+def save_grid(path, rows: list[torch.Tensor], nrow: int) -> None:
+    """A PNG grid of (N, 3, H, W) tensors in [-1, 1] (``nrow`` images a row), written atomically."""
+    from torchvision.utils import save_image as save_tensor_image
+
+    x = torch.cat([r.detach().float().cpu() for r in rows]).clamp(-1, 1) * 0.5 + 0.5
+    with atomic_path(path, suffix=".png") as tmp:  # (save_image picks the format from the extension)
+        save_tensor_image(x, tmp, nrow=nrow, padding=2, pad_value=1.0)
 
 
 def from_image(img) -> torch.Tensor:

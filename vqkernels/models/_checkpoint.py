@@ -5,26 +5,28 @@
 - :func:`load_yaml_config`: a taming-style YAML (``model: {target, params}``), a path or a dict.
 - :func:`select_prefix` / :func:`check_state_dict`: pick a sub-state-dict, and compare it with a model's
   keys and shapes, raising an error that lists the first few problems.
-- :func:`atomic_path` / :func:`atomic_write`: write through a temporary file in the same folder, then
-  ``os.replace`` (with the mode a plain open() gives, :func:`usual_mode`);
-  :func:`save_safetensors_atomic` / :func:`load_safetensors_into` for a module's weights (strict on load).
+- :func:`atomic_path` / :func:`atomic_write` / :func:`save_safetensors_atomic` / :func:`usual_mode`: from
+  :mod:`vqkernels._io` (write through a temporary file, then ``os.replace``); :func:`load_safetensors_into`
+  loads a module's weights (strict).
 - :class:`PretrainedMixin`: ``save_pretrained(dir)`` / ``from_pretrained(dir_or_repo)`` as
   ``config.json`` + ``model.safetensors`` (huggingface_hub's ``PyTorchModelHubMixin``), for a model whose
   constructor takes one dataclass ``config``. Both files are written atomically; loading is strict.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import pickle
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+
+# the atomic writers live in vqkernels/_io.py (training, the demo and the CLI use them too); re-exported here for
+# the models, which import them from this module
+from .._io import atomic_path, atomic_write, save_safetensors_atomic, usual_mode  # noqa: F401
 
 __all__ = [
     "CheckpointError", "load_torch_checkpoint", "load_yaml_config", "select_prefix", "check_state_dict",
@@ -138,52 +140,6 @@ def check_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tens
         f"({len(state_dict)} entries in the {what}, {len(expected)} in the model):"
         + part("missing from the " + what, missing) + part("unexpected", unexpected)
         + part("with another shape", mismatched))
-
-
-def usual_mode(path, directory: bool = False) -> None:
-    """mkstemp / mkdtemp create 0600 files and 0700 folders; what we write gets the mode a plain open() / mkdir
-    would give it (0666 / 0777 minus the umask), so that others who may read the user's files can read ours."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, (0o777 if directory else 0o666) & ~umask)
-
-
-@contextlib.contextmanager
-def atomic_path(path, suffix: str = ".tmp"):
-    """A temporary file name next to ``path`` (ending in ``suffix``, for writers that go by the extension) for
-    the caller to write; on success it gets the usual mode and replaces ``path`` in one step (``os.replace``),
-    so a reader never sees a half-written file and a crash leaves the old one; on failure it is removed."""
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=suffix)
-    os.close(fd)
-    try:
-        yield tmp
-        usual_mode(tmp)  # (after writing: some writers, safetensors' among them, make a new 0600 file)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-@contextlib.contextmanager
-def atomic_write(path, mode: str = "wb", encoding: str | None = None):
-    """Open a file for writing that replaces ``path`` in one step when the block ends (see :func:`atomic_path`);
-    its contents are on disk (fsync) before the replace. ``encoding`` for text modes."""
-    with atomic_path(path) as tmp:
-        with open(tmp, mode, encoding=encoding) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def save_safetensors_atomic(model: torch.nn.Module, path, metadata: dict[str, str] | None = None) -> None:
-    """``safetensors.torch.save_model`` (it de-duplicates tied weights) through :func:`atomic_path`."""
-    from safetensors.torch import save_model
-
-    with atomic_path(path) as tmp:
-        save_model(model, tmp, metadata=metadata)
 
 
 def load_safetensors_into(model: torch.nn.Module, path, *, map_location="cpu") -> None:

@@ -33,6 +33,11 @@ Backends:
   heads without expanding, reads only [0, len_b).
 - ``triton``: triton.py (forward, backward, decoding); Dh in [8, 256].
 - ``cuda``: CUDA C++ (csrc/cuda/attention*.cu) through ``torch.ops.vqkernels_C``; Dh in [8, 256], Dh % 8 == 0.
+- ``sdpa``: PyTorch's ``scaled_dot_product_attention`` (flash, cuDNN or memory-efficient, as torch picks) made to
+  compute this function (sdpa.py); float32/float16/bfloat16, any device. On CUDA tensors ``auto`` tries cuda,
+  triton, then sdpa, then the reference: where our kernels cannot run or failed their self-check, a fast kernel
+  that PyTorch ships still serves. Its backward is PyTorch's autograd (not the registered ops); its lse (only
+  :func:`attention_with_lse` asks for it) comes from the reference's chunked pass.
 
 Inputs may have any strides: a kernel reads them in place when their last dimension is unit-stride (e.g. a
 fused qkv projection (B, T, 3, H, Dh) permuted to (B, H, T, Dh)); otherwise they are copied first.
@@ -119,6 +124,7 @@ _backend.declare(
     triton=_backend.Capability(dtypes=KERNEL_DTYPES, needs="triton", limit=_triton_limit),
     cuda=_backend.Capability(devices=("cuda",), dtypes=KERNEL_DTYPES, needs="_C.cuda",
                              kernels=("attention_fwd", "attention_bwd"), limit=_cuda_limit),
+    sdpa=_backend.Capability(dtypes=KERNEL_DTYPES),
 )
 _backend.declare(
     OP_DECODE, primary="q", probe=_probe_decode,
@@ -127,6 +133,7 @@ _backend.declare(
     triton=_backend.Capability(dtypes=KERNEL_DTYPES, needs="triton", limit=_triton_limit),
     cuda=_backend.Capability(devices=("cuda",), dtypes=KERNEL_DTYPES, needs="_C.cuda",
                              kernels=("attention_decode",), limit=_cuda_limit),
+    sdpa=_backend.Capability(dtypes=KERNEL_DTYPES),
 )
 
 
@@ -473,12 +480,24 @@ def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cau
                        scale: float | None = None, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`attention` that also returns the row log-sum-exp (B, H, Tq) (float32; float64 for float64 inputs;
     -inf for a query that sees no key). The lse carries no gradient."""
+    return _attention(q, k, v, causal, scale, backend, with_lse=True)
+
+
+def _attention(q, k, v, causal, scale, backend, with_lse: bool):
     _check_qkv(q, k, v)
     causal = _check_causal(causal)
     if k.shape[2] == 0:
         raise ValueError(f"k and v must hold at least one key (Tk >= 1), got k of shape {tuple(k.shape)}")
     scale = _resolve_scale(scale, q.shape[-1])
     name = _backend.select(OP, backend, q=q, k=k, v=v, causal=causal, scale=scale)
+    if name == "sdpa":
+        from .sdpa import attention_sdpa
+
+        out = attention_sdpa(q, k, v, causal, scale)
+        if not with_lse:
+            return out, None
+        with torch.no_grad():
+            return out, attention_fwd_reference(q.detach(), k.detach(), v.detach(), causal, scale)[1]
     return _attention_fwd_op(q, k, v, causal, scale, name)
 
 
@@ -497,7 +516,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     Returns: out (B, H, Tq, Dh) in q's dtype, contiguous. Gradients flow to q, k and v (dk/dv summed over the
     query heads sharing a kv head).
     """
-    return attention_with_lse(q, k, v, causal=causal, scale=scale, backend=backend)[0]
+    return _attention(q, k, v, causal, scale, backend, with_lse=False)[0]
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
@@ -542,6 +561,11 @@ def attention_with_kv_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     scale = _resolve_scale(scale, Dh)
     name = _backend.select(OP_DECODE, backend, q=q, k_cache=k_cache, v_cache=v_cache,
                            cache_seqlens=cache_seqlens, scale=scale)
+    if name == "sdpa":
+        from .sdpa import attention_decode_sdpa
+
+        _check_seqlen_values(cache_seqlens, Tq, Tmax)
+        return attention_decode_sdpa(q, k_cache, v_cache, cache_seqlens, scale)
     return _attention_kv_cache_op(q, k_cache, v_cache, cache_seqlens, scale, name)
 
 

@@ -1,0 +1,151 @@
+"""``vqkernels demo``: both stages on scikit-image's photographs within a time budget, then the pictures, the loss
+curves and the metrics.
+
+    OUT/vqgan/, OUT/gpt/        the two training runs (vqkernels.runs folders: checkpoints, logs, grids)
+    OUT/reconstructions.png     held-out crops beside their reconstructions
+    OUT/samples.png             16 samples of the GPT
+    OUT/loss_curves.png         both stages' training losses (and the GPT's held-out loss)
+    OUT/metrics.json            held-out PSNR / SSIM / codebook use, the GPT's loss and sampling speed, timings
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ._io import atomic_path, sweep_temporaries
+from .data import EMBEDDED_HELD_OUT, save_grid
+from .runs import (GPTTrainConfig, TrainError, VQGANTrainConfig, check_writable, config_from_dict, resolve_device,
+                   write_text)
+from .train import SMALL_VQGAN, evaluate_vqgan, train_gpt, train_vqgan
+
+__all__ = ["run_demo"]
+
+# What fits ~10 minutes of a 2-core CPU (see the README for a run's numbers): 32x32 crops, f=4 (8x8 codes),
+# no perceptual or adversarial term (they cost more CPU time than they give PSNR here; train-vqgan has them).
+DEMO_CROP = 32
+DEMO_VQGAN = dict(batch_size=8, lr=1e-3, schedule="cosine", warmup_steps=50, log_every=10, image_every=500,
+                  checkpoint_every=1000, model=dict(SMALL_VQGAN, ch=32, ch_mult=(1, 1, 2), resolution=DEMO_CROP),
+                  loss=dict(perceptual_weight=0.0, disc_start=10 ** 9, disc_ndf=16, disc_num_layers=2))
+DEMO_GPT = dict(batch_size=32, lr=1e-3, warmup_steps=50, schedule="cosine", log_every=10, image_every=500,
+                checkpoint_every=1000, model=dict(n_layer=4, n_head=4, n_embd=192))
+DEMO_SPLIT = (0.72, 0.2)  # of the time budget: VQGAN, GPT; the rest is evaluation and sampling
+
+
+def run_demo(out="vqkernels-demo", minutes: float = 10.0, device="auto", seed: int = 0, overwrite: bool = False,
+             progress: bool = True, echo=print) -> int:
+    """Train both stages on the embedded photographs within ``minutes``; write the pictures, loss curves,
+    metrics.json and both checkpoints into ``out``."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out {out} is a file, not a folder")
+    if not overwrite and any((out / n).exists() for n in ("vqgan", "gpt", "metrics.json")):
+        raise TrainError(f"--out {out} already holds a demo; pass --overwrite to replace it")
+    if minutes <= 0:
+        raise TrainError(f"--minutes must be positive, got {minutes}")
+    check_writable(out)
+    sweep_temporaries(out)  # (a killed demo's half-written pictures)
+    dev = resolve_device(device)
+    t0 = time.perf_counter()
+    # each stage trains for its share of the budget, its cosine schedule following the time (see train._Clock)
+    vq_min, gpt_min = minutes * DEMO_SPLIT[0], minutes * DEMO_SPLIT[1]
+    vcfg = config_from_dict(VQGANTrainConfig, dict(DEMO_VQGAN, data="embedded", out=str(out / "vqgan"), seed=seed,
+                                                   device=str(dev), crop_size=DEMO_CROP, minutes=vq_min,
+                                                   steps=_demo_steps(vq_min)), "demo")
+    echo(f"stage 1/2: VQGAN on scikit-image's photographs ({vq_min:.1f} min)")
+    s1 = train_vqgan(vcfg, overwrite=True, progress=progress)
+    t1 = time.perf_counter()
+    model, held = s1["model"], s1["held_out"]
+    held_x = torch.stack([held[i] for i in range(len(held))])
+    vmetrics, rec = evaluate_vqgan(model, held_x)
+    pick = torch.linspace(0, len(held) - 1, 16).round().long()
+    pairs = torch.stack([t for i in pick for t in (held_x[i], rec[i])])
+    save_grid(out / "reconstructions.png", [_upscale(pairs)], nrow=8)
+    t2 = time.perf_counter()
+    echo(f"held-out: PSNR {vmetrics['psnr']:.2f} dB, SSIM {vmetrics['ssim']:.3f}, "
+         f"{vmetrics['codes_used']}/{model.config.n_embed} codes used")
+
+    gpt_min = max(0.2, min(gpt_min, minutes - (t2 - t0) / 60 - 0.5))
+    gcfg = config_from_dict(GPTTrainConfig, dict(DEMO_GPT, vqgan=str(out / "vqgan"), data="embedded",
+                                                 out=str(out / "gpt"), seed=seed, device=str(dev),
+                                                 crop_size=DEMO_CROP, minutes=gpt_min, steps=_demo_steps(gpt_min)),
+                            "demo")
+    echo(f"stage 2/2: GPT over the VQGAN's codes ({gpt_min:.1f} min)")
+    s2 = train_gpt(gcfg, overwrite=True, progress=progress)
+    t3 = time.perf_counter()
+    two = s2["model"].eval()
+    g = torch.Generator(device=dev).manual_seed(seed)
+    two.sample(2, top_k=100, generator=torch.Generator(device=dev).manual_seed(seed + 1))  # warm-up
+    samples = two.sample(16, top_k=100, generator=g).float().clamp(-1, 1).cpu()
+    stats = two.transformer.last_generate_stats
+    save_grid(out / "samples.png", [_upscale(samples)], nrow=8)
+    _plot_losses(out / "vqgan" / "log.jsonl", out / "gpt" / "log.jsonl", out / "loss_curves.png")
+    t4 = time.perf_counter()
+    metrics = {
+        "held_out": {"psnr_db": round(vmetrics["psnr"], 3), "psnr_db_all_pixels": round(vmetrics["psnr_pooled"], 3),
+                     "ssim": None if vmetrics["ssim"] is None else round(vmetrics["ssim"], 4),
+                     "codebook_usage": round(vmetrics["codebook_usage"], 4), "codes_used": vmetrics["codes_used"],
+                     "codebook_size": model.config.n_embed, "perplexity": round(vmetrics["perplexity"], 2),
+                     "crops": vmetrics["images"], "images": list(EMBEDDED_HELD_OUT)},
+        "gpt": {"val_loss": None if s2["val_loss"] is None else round(s2["val_loss"], 4),
+                "sampling_tokens_per_s": round(stats.tokens_per_s, 1), "sampled_images": 16,
+                "tokens_per_image": int(two.config.latent_size[0] * two.config.latent_size[1])},
+        "training": {"vqgan_steps": s1["steps"], "vqgan_images_per_s": round(s1["images_per_s"], 1),
+                     "gpt_steps": s2["steps"], "gpt_images_per_s": round(s2["images_per_s"], 1),
+                     "crop_size": DEMO_CROP, "batch_size": [vcfg.batch_size, gcfg.batch_size]},
+        "wall_s": {"vqgan_train": round(t1 - t0, 1), "vqgan_eval": round(t2 - t1, 1), "gpt_train": round(t3 - t2, 1),
+                   "sampling_and_plots": round(t4 - t3, 1), "total": round(t4 - t0, 1)},
+        "device": str(dev), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    }
+    write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    echo(f"wrote {out}/reconstructions.png, samples.png, loss_curves.png, metrics.json; checkpoints {out}/vqgan, "
+         f"{out}/gpt ({t4 - t0:.0f} s in all)")
+    echo(json.dumps(metrics["held_out"]))
+    return 0
+
+
+def _demo_steps(minutes: float) -> int:
+    """An upper bound on the steps of a stage: the time budget stops it, and its cosine schedule follows
+    the time, so this only needs to be more than any machine does in that time."""
+    return max(100, int(200 * minutes * 60))
+
+
+def _upscale(x: torch.Tensor, min_side: int = 96) -> torch.Tensor:
+    """Nearest-neighbour enlargement of small crops, so that a grid is visible at a glance."""
+    k = max(1, -(-min_side // x.shape[-1]))
+    return x.repeat_interleave(k, dim=-1).repeat_interleave(k, dim=-2) if k > 1 else x
+
+
+def _plot_losses(vq_log: Path, gpt_log: Path, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def read(p):
+        rows = [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [r for r in rows if "val_loss" not in r], [r for r in rows if "val_loss" in r]
+
+    (vq, _), (gp, gval) = read(vq_log), read(gpt_log)
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax[0].plot([r["step"] for r in vq], [r["rec_loss"] for r in vq], label="reconstruction (L1)")
+    ax[0].plot([r["step"] for r in vq], [r["quant_loss"] for r in vq], label="commitment")
+    ax[0].set_yscale("log")
+    ax[0].set_title("VQGAN")
+    ax[0].set_xlabel("step")
+    ax[0].legend()
+    ax[1].plot([r["step"] for r in gp], [r["loss"] for r in gp], label="train")
+    if gval:
+        ax[1].scatter([r["step"] for r in gval], [r["val_loss"] for r in gval], color="C3", label="held-out", zorder=3)
+    ax[1].set_title("GPT over the codes")
+    ax[1].set_xlabel("step")
+    ax[1].set_ylabel("cross-entropy (nats/code)")
+    ax[1].legend()
+    fig.tight_layout()
+    try:
+        with atomic_path(path, suffix=".png") as tmp:  # (savefig picks the format from the extension)
+            fig.savefig(tmp, dpi=100)
+    finally:
+        plt.close(fig)
