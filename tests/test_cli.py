@@ -176,6 +176,38 @@ def test_train_gpt_and_sample(env, capsys, tmp_path):
     assert "class 1 (dogs)" in out and "tokens/s" in out
 
 
+def test_train_gpt_llama_with_class_dropout_and_sample_with_guidance(env, capsys, tmp_path):
+    """issue 24: a class-conditional LLaMA GPT trains from the command line with class dropout, and sample takes
+    --cfg-scale / --cfg-interval, the default guidance being the one train-gpt stored."""
+    rc, out, err = run(capsys, "train-gpt", "--config", env / "gpt.yaml", "--vqgan", env / "vq", "--data",
+                       env / "data", "--out", tmp_path / "llama", "--steps", "2", "--device", "cpu", "--conditional",
+                       "--arch", "llama", "--class-dropout", "0.2", "--cfg-scale", "1.5", "--quiet")
+    assert rc == 0, err
+    cfg = json.loads((R.checkpoint_dir(tmp_path / "llama") / "config.json").read_text())
+    gpt = cfg["gpt"]
+    assert (gpt["arch"], gpt["num_classes"], gpt["class_dropout_prob"], gpt["cfg_scale"]) == ("llama", 2, 0.2, 1.5)
+    rc, out, err = run(capsys, "sample", "--checkpoint", tmp_path / "llama", "--n", "2", "--class-label", "0",
+                       "--out", tmp_path / "s", "--device", "cpu")
+    assert rc == 0 and "guidance scale 1.5 (the checkpoint's)" in out, err
+    rc, out, err = run(capsys, "sample", "--checkpoint", tmp_path / "llama", "--n", "2", "--class-label", "1",
+                       "--cfg-scale", "3", "--cfg-interval", "4", "--out", tmp_path / "s3", "--device", "cpu")
+    assert rc == 0 and "guidance scale 3" in out and (tmp_path / "s3" / "sample_001.png").is_file(), err
+    # guidance needs the llama family's null class: a minGPT checkpoint says so in one line
+    rc, _, err = run(capsys, "sample", "--checkpoint", env / "gpt", "--n", "2", "--class-label", "0",
+                     "--cfg-scale", "2", "--out", tmp_path / "s4", "--device", "cpu")
+    assert_one_line_error(rc, err, "--cfg-scale", "llama")
+    # llama needs labels; guidance options need llama
+    rc, _, err = run(capsys, "train-gpt", "--config", env / "gpt.yaml", "--vqgan", env / "vq", "--data",
+                     env / "data", "--out", tmp_path / "x", "--steps", "1", "--device", "cpu", "--arch", "llama",
+                     "--quiet")
+    assert_one_line_error(rc, err, "--arch llama is class-conditional")
+    rc, _, err = run(capsys, "train-gpt", "--config", env / "gpt.yaml", "--vqgan", env / "vq", "--data",
+                     env / "data", "--out", tmp_path / "y", "--steps", "1", "--device", "cpu", "--conditional",
+                     "--class-dropout", "0.1", "--quiet")
+    assert_one_line_error(rc, err, "for --arch llama")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
 def test_python_dash_m_entry_point(env, tmp_path):
     p = subprocess.run([sys.executable, "-m", "vqkernels", "reconstruct", "--checkpoint", str(env / "gpt"),
                         "--out", str(tmp_path), str(env / "data" / "cats" / "img0.png")],
@@ -434,6 +466,7 @@ def test_flags_come_from_the_config_fields(capsys):
     assert "model" not in {f.name for f, _, _ in flag_fields(GPTTrainConfig)}  # mappings are YAML-only
     rc, out, _ = run(capsys, "demo", "--help")
     assert rc == 0 and "(default: 10.0)" in out and "(default: vqkernels-demo)" in out
+    assert "--digits-minutes" in out and "(default: 4.0)" in out
 
 
 def test_bench_is_no_longer_a_subcommand(capsys):

@@ -1,13 +1,14 @@
 """The `vqkernels` command.
 
     vqkernels demo [--out DIR] [--minutes M]      train a small VQGAN, then a small GPT, on scikit-image's
-                                                  photographs; pictures, loss curves and metrics.json in DIR
+                                                  photographs, then a class-conditional LLaMA GPT on
+                                                  scikit-learn's digits; pictures and metrics.json in DIR
     vqkernels train-vqgan [--config YAML] [flags] the first stage on a folder of images (or "embedded")
     vqkernels train-gpt --vqgan DIR [flags]       the second stage over a trained VQGAN's codes
     vqkernels reconstruct --checkpoint DIR --out DIR IMAGE...
     vqkernels encode --checkpoint DIR --out DIR IMAGE...      images -> code indices (.npy, (h, w) int64)
     vqkernels decode --checkpoint DIR --out DIR CODES.npy...  code indices -> images (.png)
-    vqkernels sample --checkpoint DIR [--n 16] [--class-label C] --out DIR
+    vqkernels sample --checkpoint DIR [--n 16] [--class-label C] [--cfg-scale S] [--cfg-interval I] --out DIR
     vqkernels eval --checkpoint DIR [--data DIR|embedded] [--json]   a tokenizer's reconstruction quality
     vqkernels selftest [--device cpu|cuda|all] [--op NAME...] [--json]   every runnable kernel vs the reference
     vqkernels info                 versions, device, what _C was built with, the backend each op picks
@@ -365,8 +366,20 @@ def _cmd_sample(args) -> int:
     out = _out_dir(args.out)
     device = next(model.parameters()).device
     g = torch.Generator(device=device).manual_seed(args.seed)
+    guidance = {}
+    if args.cfg_scale is not None or args.cfg_interval is not None:
+        if not model.transformer.is_llama or not model.transformer.config.has_null_class:
+            raise UsageError("--cfg-scale/--cfg-interval: classifier-free guidance needs a llama GPT trained with "
+                             "class dropout (train-gpt --arch llama --class-dropout P)")
+        if args.cfg_scale is not None and args.cfg_scale < 1:
+            raise UsageError(f"--cfg-scale must be >= 1 (1: no guidance), got {args.cfg_scale}")
+        if args.cfg_interval is not None and args.cfg_interval < -1:
+            raise UsageError(f"--cfg-interval must be >= -1 (-1: every token), got {args.cfg_interval}")
+        guidance = dict(cfg_scale=args.cfg_scale,
+                        cfg_interval=-1 if args.cfg_interval is None else args.cfg_interval)
+    # (no --cfg-scale: the checkpoint's own default, GPTConfig.cfg_scale, which train-gpt --cfg-scale stored)
     imgs = model.sample(args.n, class_label=args.class_label, temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, generator=g).float().clamp(-1, 1).cpu()
+                        top_p=args.top_p, generator=g, **guidance).float().clamp(-1, 1).cpu()
     stats = getattr(model.transformer, "last_generate_stats", None)
     for i, img in enumerate(imgs):
         save_image(img, out / f"sample_{i:03d}.png")
@@ -379,6 +392,9 @@ def _cmd_sample(args) -> int:
             label = f"{args.class_label} ({json.loads(names.read_text())[args.class_label]})"
         cls = f" of class {label}"
     speed = f", {stats.tokens_per_s:.0f} tokens/s" if stats is not None else ""
+    if model.transformer.is_llama:
+        scale = args.cfg_scale if args.cfg_scale is not None else model.transformer.config.cfg_scale
+        speed += f", guidance scale {scale:g}" + (" (the checkpoint's)" if args.cfg_scale is None else "")
     print(f"{args.n} samples{cls} -> {out}/samples.png and sample_*.png{speed}")
     return 0
 
@@ -387,7 +403,7 @@ def _cmd_demo(args) -> int:
     from .demo import run_demo
 
     return run_demo(out=args.out, minutes=args.minutes, device=args.device, seed=args.seed,
-                    overwrite=args.overwrite, progress=not args.quiet)
+                    overwrite=args.overwrite, progress=not args.quiet, digits_minutes=args.digits_minutes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,7 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
     pd = sub.add_parser("demo", help="train a small VQGAN and GPT on scikit-image's photographs (~10 min on 2 cores)",
                         **shown)
     pd.add_argument("--out", default="vqkernels-demo", help="output folder")
-    pd.add_argument("--minutes", type=_number(float, "positive"), default=10.0, help="total time budget")
+    pd.add_argument("--minutes", type=_number(float, "positive"), default=10.0,
+                    help="time budget of the photographs' part")
+    pd.add_argument("--digits-minutes", dest="digits_minutes", type=_number(float, "nonneg"), default=4.0,
+                    help="time budget of the digits' part (class-conditional generation; 0: skip it)")
     pd.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     pd.add_argument("--seed", type=_number(int), default=0, help="random seed")
     pd.add_argument("--overwrite", action="store_true", help="replace an earlier demo in --out")
@@ -445,6 +464,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "likeliest codes")
     ps.add_argument("--top-p", dest="top_p", type=_number(float, "fraction"), default=None,
                     help="sample among the likeliest codes of this much probability")
+    ps.add_argument("--cfg-scale", dest="cfg_scale", type=_number(float, "positive"), default=None,
+                    help="classifier-free guidance scale of a llama GPT (>= 1; 1: none; default: the one stored "
+                         "in the checkpoint)")
+    ps.add_argument("--cfg-interval", dest="cfg_interval", type=_number(int), default=None,
+                    help="guide only the first I+1 tokens (LlamaGen's cfg_interval; default: every token)")
     ps.add_argument("--seed", type=_number(int), default=0, help="random seed")
     ps.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     ps.set_defaults(func=_cmd_sample)

@@ -101,8 +101,9 @@ def scalar_type(tp):
 class TrainConfig(Config):
     """What both stages' configs hold (with the first stage's defaults; GPTTrainConfig sets its own)."""
 
-    data: str = _field("embedded", "a folder of images (searched recursively) or 'embedded' (scikit-image's "
-                       "photographs)", metavar="DIR")
+    data: str = _field("embedded", "a folder of images (searched recursively), 'embedded' (scikit-image's "
+                       "photographs) or 'digits' (scikit-learn's handwritten digits, labelled, enlarged to "
+                       "crop_size)", metavar="DIR")
     out: str = _field("runs/vqgan", "the run folder", metavar="DIR")
     steps: int = _field(2000, "total optimizer steps of the run", "positive")
     batch_size: int = _field(16, "images per step (per process)", "positive")
@@ -164,6 +165,16 @@ class GPTTrainConfig(TrainConfig):
     vqgan: str = _field("", "the first stage: a train-vqgan run folder or a VQModel folder (required)", metavar="DIR")
     conditional: bool = _field(False, "class-conditional on the top-level subfolder (embedded: on the photograph)")
     pkeep: float = _field(1.0, "taming's token corruption: keep each input token with this probability", "fraction")
+    arch: str | None = _field(None, "the GPT family: mingpt (taming's; the class is a token) "
+                                                     "or llama (LlamaGen's c2i: class-conditional, with "
+                                                     "classifier-free guidance); default: the model section's "
+                                                     "arch, else mingpt")
+    class_dropout: float | None = _field(None, "llama: each training label is replaced by the null class with this "
+                                         "probability (LlamaGen's class dropout, which classifier-free guidance "
+                                         "needs; default: the model section's class_dropout_prob, else 0.1)",
+                                         "nonneg")
+    cfg_scale: float | None = _field(None, "llama: the classifier-free guidance scale stored as the checkpoint's "
+                                     "default for sample (1: none; default: the model section's, else 1)")
     model: dict = _field({}, "GPTConfig fields over SMALL_GPT (vocab and block size are derived)")
 
     kind: ClassVar[str] = "gpt"

@@ -334,11 +334,36 @@ def build_gpt(cfg: GPTTrainConfig, vqgan, n_classes: int | None):
     if cfg.crop_size % f:
         raise TrainError(f"crop_size {cfg.crop_size} must be a multiple of the VQGAN's downsampling factor {f}")
     h = cfg.crop_size // f
-    if n_classes is not None and n_classes > vqgan.config.n_embed:
-        raise TrainError(f"{n_classes} classes: a class token shares the vocabulary with the {vqgan.config.n_embed} "
-                         f"codes (as taming's), so there can be at most {vqgan.config.n_embed} classes")
+    model_section = dict(cfg.model)
+    arch = cfg.arch if cfg.arch is not None else model_section.get("arch", "mingpt")
+    if arch not in ("mingpt", "llama"):
+        raise TrainError(f"arch must be 'mingpt' or 'llama', got {arch!r}")
+    if cfg.arch is not None and model_section.get("arch", arch) != arch:
+        raise TrainError(f"--arch {cfg.arch} disagrees with the model section's arch {model_section['arch']!r}")
+    model_section["arch"] = arch
+    if arch == "llama":
+        # LlamaGen's c2i: the class is the GPT's own first token, dropped to the null class with probability
+        # class_dropout_prob while training (ClassEmbedding), which gives classifier-free guidance its
+        # unconditional model
+        if n_classes is None:
+            raise TrainError("--arch llama is class-conditional (LlamaGen's c2i): give --conditional and labelled "
+                             "data (a folder of class subfolders, embedded or digits)")
+        p = cfg.class_dropout if cfg.class_dropout is not None else model_section.get("class_dropout_prob", 0.1)
+        if not 0 <= p < 1:
+            raise TrainError(f"class_dropout must be in [0, 1), got {p}")
+        model_section.update(num_classes=n_classes, class_dropout_prob=p)
+        if cfg.cfg_scale is not None:
+            model_section["cfg_scale"] = cfg.cfg_scale
+    else:
+        if cfg.class_dropout is not None or cfg.cfg_scale is not None:
+            raise TrainError("class_dropout and cfg_scale (classifier-free guidance) are for --arch llama")
+        if n_classes is not None and n_classes > vqgan.config.n_embed:
+            raise TrainError(f"{n_classes} classes: a class token shares the vocabulary with the "
+                             f"{vqgan.config.n_embed} codes (as taming's), so there can be at most "
+                             f"{vqgan.config.n_embed} classes")
     try:
-        gcfg = GPTConfig.from_dict({**SMALL_GPT, **cfg.model, "vocab_size": vqgan.config.n_embed, "block_size": h * h})
+        gcfg = GPTConfig.from_dict({**SMALL_GPT, **model_section, "vocab_size": vqgan.config.n_embed,
+                                    "block_size": h * h})
         tcfg = VQGANTransformerConfig(gpt=gcfg, vqgan=vqgan.config, n_classes=n_classes, pkeep=cfg.pkeep,
                                       latent_size=(h, h))
     except (TypeError, ValueError) as e:

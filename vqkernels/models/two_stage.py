@@ -55,9 +55,16 @@ class VQGANTransformerConfig:
         if self.n_classes is None:
             if not 0 <= self.sos_token < V:
                 raise ValueError(f"sos_token must be a token id in [0, vocab_size = {V}), got {self.sos_token}")
+        elif self.gpt.arch == "llama":
+            # LlamaGen's c2i: the class has its own embedding (with the null row for CFG), not a vocabulary token
+            if self.n_classes != self.gpt.num_classes:
+                raise ValueError(f"n_classes ({self.n_classes!r}) must equal the llama GPT's num_classes "
+                                 f"({self.gpt.num_classes})")
         elif isinstance(self.n_classes, bool) or not isinstance(self.n_classes, int) or not 1 <= self.n_classes <= V:
             raise ValueError(f"n_classes must be None (unconditional) or an int in [1, vocab_size = {V}] (class c "
                              f"is token c, as taming's Labelator), got {self.n_classes!r}")
+        if self.gpt.arch == "llama" and self.n_classes is None:
+            raise ValueError("a llama GPT is class-conditional (LlamaGen's c2i): n_classes is required")
         if not 0.0 <= self.pkeep <= 1.0:
             raise ValueError(f"pkeep must be in [0, 1], got {self.pkeep}")
         h, w = self.latent_size
@@ -196,6 +203,10 @@ class VQGANTransformer(nn.Module, PretrainedMixin):
             a = keep * z + (1 - keep) * rand
         else:
             a = z
+        if self.transformer.is_llama:  # the class token is the GPT's own first position (dropped to the null
+            # class with probability class_dropout_prob while training, for classifier-free guidance)
+            logits, _ = self.transformer(a[:, :-1], class_labels=cond[:, 0])  # (B, L, V)
+            return logits, z
         cz = torch.cat((cond, a), dim=1)  # (B, 1 + L)
         logits, _ = self.transformer(cz[:, :-1])  # (B, L, V)
         logits = logits[:, cond.shape[1] - 1:]  # output i predicts code i
@@ -210,8 +221,10 @@ class VQGANTransformer(nn.Module, PretrainedMixin):
 
     @torch.inference_mode()
     def sample_codes(self, n: int, *, class_label=None, temperature: float = 1.0, top_k: int | None = None,
-                     top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """n code grids (n, h, w) int64 drawn from the GPT (cached decoding; see :meth:`GPT.generate`)."""
+                     top_p: float | None = None, generator: torch.Generator | None = None,
+                     cfg_scale: float | None = None, cfg_interval: int = -1) -> torch.Tensor:
+        """n code grids (n, h, w) int64 drawn from the GPT (cached decoding; see :meth:`GPT.generate`).
+        cfg_scale / cfg_interval: classifier-free guidance of a llama GPT (None: its config's cfg_scale)."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
         device = next(self.parameters()).device
@@ -219,6 +232,13 @@ class VQGANTransformer(nn.Module, PretrainedMixin):
             raise ValueError("this model is unconditional: class_label must be None")
         cond = self.cond_tokens(n, class_label, device)
         h, w = self.config.latent_size
+        if self.transformer.is_llama:
+            tokens = self.transformer.generate(None, h * w, class_labels=cond[:, 0], cfg_scale=cfg_scale,
+                                               cfg_interval=cfg_interval, temperature=temperature, top_k=top_k,
+                                               top_p=top_p, generator=generator)
+            return tokens.reshape(n, h, w)
+        if cfg_scale not in (None, 1, 1.0) or cfg_interval != -1:
+            raise ValueError("cfg_scale / cfg_interval (classifier-free guidance) need a llama GPT with class dropout")
         tokens = self.transformer.generate(cond, h * w, temperature=temperature, top_k=top_k, top_p=top_p,
                                            generator=generator)
         return tokens[:, cond.shape[1]:].reshape(n, h, w)
@@ -230,11 +250,13 @@ class VQGANTransformer(nn.Module, PretrainedMixin):
 
     @torch.inference_mode()
     def sample(self, n: int, *, class_label=None, temperature: float = 1.0, top_k: int | None = None,
-               top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+               top_p: float | None = None, generator: torch.Generator | None = None,
+               cfg_scale: float | None = None, cfg_interval: int = -1) -> torch.Tensor:
         """n images (n, C, H, W) (not clamped; about [-1, 1]): codes from the GPT, decoded by the first stage.
-        class_label: an int or n ids for a class-conditional model. Timing: ``transformer.last_generate_stats``."""
+        class_label: an int or n ids for a class-conditional model; cfg_scale / cfg_interval as
+        :meth:`sample_codes`. Timing: ``transformer.last_generate_stats``."""
         codes = self.sample_codes(n, class_label=class_label, temperature=temperature, top_k=top_k, top_p=top_p,
-                                  generator=generator)
+                                  generator=generator, cfg_scale=cfg_scale, cfg_interval=cfg_interval)
         return self.decode_codes(codes)
 
     # -- taming checkpoints --------------------------------------------------------------------------
