@@ -323,7 +323,14 @@ def embedded_dataset(crop_size: int = 64, short_side: int = EMBEDDED_SHORT_SIDE,
 
 
 def open_dataset(source: str, crop_size: int, resize: int | None = None, flip: bool = True):
-    """``"embedded"`` -> (training crops, held-out crops); a folder -> (ImageFolder, None)."""
+    """``"embedded"`` -> (training crops, held-out crops); ``"digits"`` -> (training digits, held-out digits),
+    scikit-learn's handwritten digits enlarged to crop_size (:mod:`vqkernels.digits`, labelled by digit);
+    a folder -> (ImageFolder, None)."""
+    if str(source) == "digits":
+        from .digits import digits_split
+
+        split = digits_split(int(crop_size))
+        return split.train, split.held_out
     if str(source) == "embedded":
         split = embedded_dataset(crop_size, flip=flip)
         return split.train, split.held_out

@@ -315,7 +315,15 @@ def _embedded_held_out(resolution: int) -> list[torch.Tensor]:
 
 
 # name -> fn(resolution: the model's training size) -> iterable of (3, H, W) images in [-1, 1]
-DATASETS: dict[str, Callable[[int], Iterable[torch.Tensor]]] = {"embedded": _embedded_held_out}
+def _digits_held_out(resolution: int) -> list[torch.Tensor]:
+    """The held-out digits of scikit-learn's data set (never trained on), enlarged to the model's size."""
+    from .digits import digits_split
+
+    return list(digits_split(int(resolution)).held_out.images)
+
+
+DATASETS: dict[str, Callable[[int], Iterable[torch.Tensor]]] = {"embedded": _embedded_held_out,
+                                                                "digits": _digits_held_out}
 
 
 def _folder_images(files) -> Iterable[torch.Tensor]:
