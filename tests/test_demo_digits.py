@@ -173,3 +173,44 @@ def test_eval_takes_the_digits(runs, capsys):
     assert cli.main(["eval", "--checkpoint", str(root / "vq"), "--data", "digits", "--json", "--device", "cpu"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["images"] == 360 and np.isfinite(r["psnr"])
+
+
+def test_run_digits_writes_both_runs_the_grid_and_the_figures(tmp_path, monkeypatch):
+    """The demo's digits part, wired end to end on tiny models and a few seconds of budget."""
+    import vqkernels.demo as demo
+
+    monkeypatch.setattr(demo, "DIGITS_VQGAN", {**TINY_VQGAN, "lr": 1e-3})
+    monkeypatch.setattr(demo, "DIGITS_GPT", {k: v for k, v in TINY_GPT.items() if k != "cfg_scale"}
+                        | {"cfg_scale": demo.DIGITS_CFG_SCALE})
+    monkeypatch.setattr(demo, "DIGITS_PER_CLASS", 2)
+    lines = []
+    m = demo.run_digits(tmp_path, 0.1, torch.device("cpu"), 0, progress=False, echo=lines.append)
+    for run in ("digits-vqgan", "digits-gpt"):
+        assert (tmp_path / run / "latest").is_file()
+    from PIL import Image
+
+    w, h = Image.open(tmp_path / "digits_samples.png").size
+    assert h > w  # 10 rows of 2
+    assert m["samples_per_class"] == 2 and m["cfg_scale"] == demo.DIGITS_CFG_SCALE
+    assert {"agreement_unguided", "agreement_guided", "classifier_held_out_accuracy", "held_out_psnr_db"} <= set(m)
+    assert m["training"]["vqgan_steps"] >= 1 and m["training"]["gpt_steps"] >= 1
+    assert any("recognises" in line for line in lines)
+    # the run folders are what `sample` takes, with the demo's guidance as the default
+    assert cli.main(["sample", "--checkpoint", str(tmp_path / "digits-gpt"), "--class-label", "4", "--n", "2",
+                     "--out", str(tmp_path / "s"), "--device", "cpu"]) == 0
+
+
+def test_training_on_precomputed_codes_is_training_on_the_images(runs):
+    """train_gpt encodes a data set without augmentation once (_CodesOf): the same logits as encoding each batch."""
+    _, s = runs
+    two = s["model"].eval()
+    x = D.digits_split(16).train.images[:12]
+    c = torch.arange(12) % 10
+    a, ta = two(x, c)
+    b, tb = two(None, c, codes=two.encode_to_z(x))
+    assert torch.equal(ta, tb) and torch.equal(a, b)
+    ds = D.digits_split(16).train
+    ds.with_labels = True
+    coded = T._CodesOf(ds, two, torch.device("cpu"))
+    z, label = coded[(7, 99)]
+    assert len(coded) == 1437 and label == ds.label(7) and torch.equal(z, two.encode_to_z(ds.images[7:8])[0])

@@ -48,11 +48,11 @@ DIGITS_VQGAN = dict(batch_size=16, lr=1e-3, schedule="cosine", warmup_steps=20, 
                                resolution=DIGITS_SIZE, n_embed=64, embed_dim=16, decay=0.99,
                                threshold_ema_dead_code=1.0),
                     loss=dict(perceptual_weight=0.0, disc_start=10 ** 9, disc_ndf=16, disc_num_layers=2))
-DIGITS_CFG_SCALE = 3.0
+DIGITS_CFG_SCALE = 2.0
 DIGITS_GPT = dict(batch_size=64, lr=1e-3, warmup_steps=50, schedule="cosine", log_every=10, image_every=500,
                   checkpoint_every=1000, conditional=True, arch="llama", class_dropout=0.1, cfg_scale=DIGITS_CFG_SCALE,
                   model=dict(n_layer=4, n_head=4, n_embd=128, multiple_of=32))
-DIGITS_SPLIT = (0.4, 0.5)    # of the digits' budget: VQGAN, GPT; the rest is sampling and the classifier
+DIGITS_SPLIT = (0.3, 0.65)   # of the digits' budget: VQGAN, GPT; the rest is sampling and the classifier
 DIGITS_PER_CLASS = 20        # samples per class the classifier judges
 
 

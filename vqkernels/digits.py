@@ -57,7 +57,10 @@ def held_out_mask(n: int) -> torch.Tensor:
 
 class DigitsDataset(_SeededItems):
     """The digits as items of the training loop: image ``index`` (no augmentation: a flipped or shifted digit
-    is another digit, or none); ``label(index)`` its digit. ``classes`` are '0'..'9'."""
+    is another digit, or none); ``label(index)`` its digit. ``classes`` are '0'..'9'. ``fixed_items``: an item
+    does not depend on its seed (so a GPT's training may encode the data set once)."""
+
+    fixed_items = True
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor):
         self.images, self.labels = images, labels

@@ -193,8 +193,10 @@ class VQGANTransformer(nn.Module, PretrainedMixin):
 
     # -- training ------------------------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor, c=None) -> tuple[torch.Tensor, torch.Tensor]:
-        z = self.encode_to_z(x)  # (B, L)
+    def forward(self, x: torch.Tensor | None, c=None, *, codes: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        # codes (B, L): the codes of x already computed (training on a fixed data set encodes it once)
+        z = self.encode_to_z(x) if codes is None else codes.long()  # (B, L)
         cond = self.cond_tokens(z.shape[0], c, z.device)  # (B, 1)
         if self.training and self.config.pkeep < 1.0:
             # taming's corruption: keep each code with probability pkeep, else a uniform random token
