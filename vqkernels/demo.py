@@ -205,7 +205,7 @@ def run_digits(out: Path, minutes: float, dev: torch.device, seed: int = 0, prog
     within ``minutes``, into ``out/digits-vqgan`` and ``out/digits-gpt``; then DIGITS_PER_CLASS samples per digit
     without guidance (cfg_scale 1) and with DIGITS_CFG_SCALE, judged by an SVC trained on the training digits.
     Writes ``out/digits_samples.png`` (a row per digit) and returns the figures for metrics.json."""
-    from .digits import DigitClassifier, class_agreement, digits_split
+    from .digits import DigitClassifier, digits_split
 
     t0 = time.perf_counter()
     vq_min, gpt_min = minutes * DIGITS_SPLIT[0], minutes * DIGITS_SPLIT[1]
