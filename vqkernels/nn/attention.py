@@ -5,6 +5,8 @@
   GEMMs (no weight or gradient concatenation per step), in generation one on weights concatenated and packed
   once (:func:`inference_weights`); attention is :func:`vqkernels.ops.attention.causal_attention`
   (training, prefill) or :func:`~vqkernels.ops.attention.attention_with_kv_cache` (decoding).
+- :class:`RotaryCausalSelfAttention`: LlamaGen's (LLaMA's) attention: one fused bias-free ``wqkv``, ``wo``, grouped
+  heads, rotary positions on q and k (:mod:`vqkernels.nn.rope`); the same ops and KV cache.
 - :class:`KVCache`: preallocated keys/values (B, Hkv, Tmax, Dh) and the int32 length of each sequence;
   ``append`` writes the new positions (the attention op itself only reads the cache).
 """
@@ -18,8 +20,9 @@ import torch.nn.functional as F
 
 from ..ops.attention import attention, attention_with_kv_cache, causal_attention
 from ..ops.linear import PackedLinear
+from .rope import apply_rope
 
-__all__ = ["CausalSelfAttention", "KVCache", "Linear", "inference_weights"]
+__all__ = ["CausalSelfAttention", "RotaryCausalSelfAttention", "KVCache", "Linear", "inference_weights"]
 
 
 class Linear(nn.Linear):
@@ -266,9 +269,7 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, Hkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
 
         if kv_cache is not None:
-            if torch.is_grad_enabled() and x.requires_grad:
-                raise RuntimeError("CausalSelfAttention: the KV-cache path is inference only (no gradients); "
-                                   "run it under torch.no_grad() / torch.inference_mode()")
+            _check_inference(self, x)
             start = min(kv_cache.lengths)
             if 0 < start < self.n_unmasked:
                 raise ValueError(f"CausalSelfAttention: with n_unmasked = {self.n_unmasked} the prefix positions "
@@ -309,6 +310,77 @@ class CausalSelfAttention(nn.Module):
             mask[: self.n_unmasked, : self.n_unmasked] = True
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.attn_pdrop,
                                               is_causal=mask is None, enable_gqa=self.n_head != self.n_kv_head)
+
+
+class RotaryCausalSelfAttention(nn.Module):
+    """Causal self-attention with rotary positions, as LlamaGen's ``Attention`` (parameters ``wqkv``, ``wo``,
+    no biases), on the vqkernels attention ops.
+
+    Args:
+        n_embd: the model width C; head dim ``hs = n_embd // n_head``.
+        n_head, n_kv_head: query heads and key/value heads (grouped-query attention, ``n_head % n_kv_head == 0``;
+            default ``n_head``). ``wqkv`` maps C -> (n_head + 2 n_kv_head) hs, rows in q, k, v order.
+        attn_pdrop: dropout on the attention probabilities while training (PyTorch's
+            ``scaled_dot_product_attention`` then runs instead of the fused op, as in
+            :class:`CausalSelfAttention`).
+        resid_pdrop: dropout on the output projection (LlamaGen's ``resid_dropout``).
+
+    ``forward(x (B, T, C), rope (T, hs / 2, 2), kv_cache=None) -> (B, T, C)``: ``rope`` is the (cos, sin) table
+    of the T positions of x (:mod:`vqkernels.nn.rope`), applied to q and k in float32 before attention. With a
+    :class:`KVCache` (inference only) the rotated keys are appended to it and the queries attend to the cache.
+    ``wqkv`` and ``wo`` are :class:`Linear`, so :func:`inference_weights` packs them for decoding.
+    """
+
+    def __init__(self, n_embd: int, n_head: int, n_kv_head: int | None = None, attn_pdrop: float = 0.0,
+                 resid_pdrop: float = 0.0):
+        super().__init__()
+        n_kv_head = n_head if n_kv_head is None else n_kv_head
+        if n_head < 1 or n_embd % n_head:
+            raise ValueError(f"n_embd ({n_embd}) must be a positive multiple of n_head ({n_head})")
+        if n_kv_head < 1 or n_head % n_kv_head:
+            raise ValueError(f"n_head ({n_head}) must be a multiple of n_kv_head ({n_kv_head})")
+        if not 0.0 <= attn_pdrop < 1.0 or not 0.0 <= resid_pdrop < 1.0:
+            raise ValueError(f"attn_pdrop and resid_pdrop must be in [0, 1), got {attn_pdrop}, {resid_pdrop}")
+        self.n_embd, self.n_head, self.n_kv_head = n_embd, n_head, n_kv_head
+        self.head_dim = n_embd // n_head
+        self.attn_pdrop = attn_pdrop
+        self.wqkv = Linear(n_embd, (n_head + 2 * n_kv_head) * self.head_dim, bias=False)
+        self.wo = Linear(n_embd, n_embd, bias=False)
+        self.resid_drop = nn.Dropout(resid_pdrop)
+
+    def extra_repr(self) -> str:
+        return f"n_embd={self.n_embd}, n_head={self.n_head}, n_kv_head={self.n_kv_head}, attn_pdrop={self.attn_pdrop}"
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        H, Hkv, hs = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.wqkv(x).split((H * hs, Hkv * hs, Hkv * hs), dim=-1)  # (B, T, H hs), (B, T, Hkv hs) x 2
+        q = apply_rope(q.view(B, T, H, hs), rope).transpose(1, 2)  # (B, nh, T, hs)
+        k = apply_rope(k.view(B, T, Hkv, hs), rope).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, Hkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
+
+        if kv_cache is not None:
+            _check_inference(self, x)
+            empty = kv_cache.is_empty()
+            kv_cache.append(k, v)
+            if empty:  # prefill: the keys are exactly k, v
+                y = causal_attention(q, k, v)
+            else:
+                y = attention_with_kv_cache(q, kv_cache.k, kv_cache.v, kv_cache.seqlens)  # (B, nh, T, hs)
+        elif self.training and self.attn_pdrop > 0:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_pdrop, is_causal=True,
+                                               enable_gqa=H != Hkv)
+        else:
+            y = causal_attention(q, k, v)
+
+        y = y.transpose(1, 2).reshape(B, T, C)  # heads side by side again
+        return self.resid_drop(self.wo(y))
+
+
+def _check_inference(module: nn.Module, x: torch.Tensor) -> None:
+    if torch.is_grad_enabled() and x.requires_grad:
+        raise RuntimeError(f"{type(module).__name__}: the KV-cache path is inference only (no gradients); "
+                           "run it under torch.no_grad() / torch.inference_mode()")
 
 
 def mingpt_mask(block_size: int, n_unmasked: int = 0) -> torch.Tensor:
