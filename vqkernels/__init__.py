@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 from ._backend import BACKENDS, BackendNotSupported, use_backend
 from .nn import CausalSelfAttention, KVCache, VectorQuantize, VectorQuantizer
+from .nn.residual_vq import ResidualVQ  # noqa: F401  (vector-quantize-pytorch's ResidualVQ drop-in)
 from .ops.attention import attention, attention_with_kv_cache, causal_attention
 from .ops.nearest_code import nearest_code
 from .ops.code_stats import code_stats, code_usage, ema_update_, ema_update_from_stats_
