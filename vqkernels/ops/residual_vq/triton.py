@@ -30,7 +30,7 @@ from ... import _backend
 MAX_D = 512  # the residual of BLOCK_N rows lives in registers
 # (BLOCK_N, BLOCK_K, num_warps) per BLOCK_D: the residual, the running code sum and a code tile all sit in
 # registers, so wider rows get fewer rows and codes per tile and more warps (no spills at sm_90: the sm_90 test)
-CONFIGS = {16: (32, 64, 4), 32: (32, 64, 4), 64: (32, 32, 8), 128: (32, 32, 8), 256: (16, 16, 8), 512: (16, 16, 8)}
+CONFIGS = {16: (32, 64, 4), 32: (32, 64, 4), 64: (32, 32, 4), 128: (32, 32, 8), 256: (16, 16, 8), 512: (16, 16, 8)}
 _AUX_BLOCK_R = 64
 
 
