@@ -1,7 +1,8 @@
 """Thin modules over the vqkernels ops: drop-in quantizers for taming-transformers and vector-quantize-pytorch."""
 from .attention import CausalSelfAttention, KVCache, RotaryCausalSelfAttention
 from .quantizer import VectorQuantize, VectorQuantizer
+from .residual_vq import ResidualVQ
 from .rope import RMSNorm, apply_rope, rope_table_1d, rope_table_2d
 
-__all__ = ["VectorQuantize", "VectorQuantizer", "CausalSelfAttention", "RotaryCausalSelfAttention", "KVCache",
-           "RMSNorm", "apply_rope", "rope_table_1d", "rope_table_2d"]
+__all__ = ["VectorQuantize", "VectorQuantizer", "ResidualVQ", "CausalSelfAttention", "RotaryCausalSelfAttention",
+           "KVCache", "RMSNorm", "apply_rope", "rope_table_1d", "rope_table_2d"]
