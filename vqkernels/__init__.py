@@ -14,6 +14,8 @@ from .ops.attention import attention, attention_with_kv_cache, causal_attention
 from .ops.nearest_code import nearest_code
 from .ops.code_stats import code_stats, code_usage, ema_update_, ema_update_from_stats_
 from .ops.vq_loss import vector_quantize, vq_loss
+from .nn import FSQ, LFQ
+from .ops.lfq_entropy import lfq_entropy
 
 __all__ = [
     "BACKENDS", "BackendNotSupported", "use_backend", "info", "__version__",
@@ -21,6 +23,7 @@ __all__ = [
     "code_usage", "VectorQuantizer", "VectorQuantize",
     "attention", "causal_attention", "attention_with_kv_cache", "CausalSelfAttention", "KVCache",
 ]
+__all__ += ["FSQ", "LFQ", "lfq_entropy"]
 
 
 def info(as_text: bool = False):
