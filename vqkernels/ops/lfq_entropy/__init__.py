@@ -56,16 +56,11 @@ def _probe(device: str, dtype: torch.dtype) -> dict:
 _C_KERNELS = ("lfq_entropy_fwd", "lfq_entropy_bwd")
 
 
-def _triton_limit(x, **_):
-    if x.device.type == "cpu" and x.dtype != torch.float32:
-        return ["the Triton interpreter runs lfq_entropy in float32 only"]
-    return []
-
-
 _backend.declare(
     OP, primary="x", probe=_probe,
     torch=_backend.Capability(dtypes=REFERENCE_DTYPES),
     cpu=_backend.Capability(devices=("cpu",), dtypes=KERNEL_DTYPES, needs="_C.cpu", kernels=_C_KERNELS),
+    triton=_backend.Capability(dtypes=KERNEL_DTYPES, needs="triton"),
     cuda=_backend.Capability(devices=("cuda",), dtypes=KERNEL_DTYPES, needs="_C.cuda", kernels=_C_KERNELS),
 )
 
