@@ -47,7 +47,7 @@ bench: build
 	@test -f $(VENV)/hf-packages/transformers/__init__.py || $(BIN)/python -m pip install -q \
 	    --disable-pip-version-check --no-deps --target $(VENV)/hf-packages $(HF_PACKAGES) \
 	    || echo "(transformers not installed: the hf-gpt2 benchmark rows will be skipped)"
-	$(BIN)/vqkernels bench $(BENCH_ARGS)
+	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
 # `make demo`: trains a small VQGAN, then a small GPT, on scikit-image's photographs (~10 min on 2 CPU cores) and
 # writes pictures, loss curves and metrics.json into ./vqkernels-demo (DEMO_ARGS="--minutes 3 --overwrite", ...)

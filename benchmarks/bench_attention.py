@@ -6,18 +6,18 @@
         pytest benchmarks/bench_attention.py --benchmark-only
 
 Sizes are BxHxTxDh; modes fwd, bwd, fwdbwd (each also -causal) and decode (one token per sequence over a cache
-of T); see :mod:`vqkernels.bench.attention`. ``extra_info``: TFLOP/s (causal FLOPs halved), decoding tokens/s
+of T); see :mod:`benchmarks.suites.attention`. ``extra_info``: TFLOP/s (causal FLOPs halved), decoding tokens/s
 and GB/s of cache read, the peak extra memory of one call and the largest difference from a float32
-computation (``max_abs_err``). Environment: see ``_common.py``.
+computation (``max_abs_err``). Environment: see ``harness/pytest_bench.py``.
 """
 from __future__ import annotations
 
 import pytest
 
-from vqkernels.bench import attention as at
-from vqkernels.bench.protocol import Case
+from benchmarks.suites import attention as at
+from benchmarks.harness.protocol import Case
 
-from _common import bench_device, case_id, run_case, suite_cases
+from benchmarks.harness.pytest_bench import bench_device, case_id, run_case, suite_cases
 
 SUITE = at.SUITE
 _CUDA = bench_device() == "cuda"

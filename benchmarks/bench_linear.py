@@ -3,18 +3,18 @@
     pytest benchmarks/bench_linear.py --benchmark-only                        # the suite's CPU sizes (seconds)
     VQKERNELS_BENCH_SIZES=16x512x8 pytest benchmarks/bench_linear.py --benchmark-only   # rows x width x layers
 
-See :mod:`vqkernels.bench.linear` for the providers. ``extra_info``: GB/s of weights read, GFLOP/s, the peak
+See :mod:`benchmarks.suites.linear` for the providers. ``extra_info``: GB/s of weights read, GFLOP/s, the peak
 extra memory of one call and the largest error relative to |x| |w| (``max_rel_err``). Environment: see
-``_common.py``.
+``harness/pytest_bench.py``.
 """
 from __future__ import annotations
 
 import pytest
 
-from vqkernels.bench import linear as lin
-from vqkernels.bench.protocol import Case
+from benchmarks.suites import linear as lin
+from benchmarks.harness.protocol import Case
 
-from _common import case_id, run_case, suite_cases
+from benchmarks.harness.pytest_bench import case_id, run_case, suite_cases
 
 SUITE = lin.SUITE
 SMALL = [Case(lin.SIZES["cpu"].size, "fp32", lin.PROVIDER_NAMES)]

@@ -4,22 +4,22 @@ training step; the runner's providers (ours, taming-transformers, Hugging Face G
     pytest benchmarks/bench_models.py --benchmark-only             # small sizes (a few minutes on 2 cores)
     VQKERNELS_BENCH_SIZES=suite pytest benchmarks/bench_models.py --benchmark-only    # the suites' sizes
 
-taming's modules need stand-ins to import (``_taming_standins.py``, installed into this benchmark process);
+taming's modules need stand-ins to import (``benchmarks/peers.py``, installed into this benchmark process);
 Hugging Face transformers, when it is installed only in a separate folder (``make bench`` puts it in
 ``.venv/hf-packages``), or while taming's stand-in for it holds the process, is skipped here with the reason:
-the runner (``vqkernels bench --ops vqgan gpt``) measures every provider in its own process.
+the runner (``python benchmarks/run.py --ops vqgan gpt``) measures every provider in its own process.
 
 ``extra_info``: images/s (VQGAN) or tokens/s (GPT), the peak extra memory of one call. Environment: see
-``_common.py`` (VQKERNELS_BENCH_SIZES applies to both suites: a named size of either).
+``harness/pytest_bench.py`` (VQKERNELS_BENCH_SIZES applies to both suites: a named size of either).
 """
 from __future__ import annotations
 
 import pytest
 
-from vqkernels.bench import gpt, vqgan
-from vqkernels.bench.protocol import Case
+from benchmarks.suites import gpt, vqgan
+from benchmarks.harness.protocol import Case
 
-from _common import case_id, run_case, suite_cases
+from benchmarks.harness.pytest_bench import case_id, run_case, suite_cases
 
 _V, _G = vqgan.SUITE, gpt.SUITE
 SMALL_VQGAN = [Case(vqgan.Size("cpu", 2, 64), "fp32", vqgan.PROVIDER_NAMES, m) for m in vqgan.MODES]

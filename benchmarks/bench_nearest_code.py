@@ -6,17 +6,17 @@
     pytest benchmarks/ --benchmark-only --benchmark-save=mine   # then --benchmark-compare against it
 
 ``extra_info``: GFLOP/s and vectors/s (from the median), the peak extra memory of one call and the fraction of
-rows answered correctly against the torch reference (see ``_common.py`` for the environment). For the stamped
-CSV/JSON/plot of a full run, use ``vqkernels bench`` (``benchmarks/run.py``).
+rows answered correctly against the torch reference (environment: see ``harness/pytest_bench.py``). For the
+stamped CSV/JSON/plot of a full run, use the runner, ``python benchmarks/run.py``.
 """
 from __future__ import annotations
 
 import pytest
 
-from vqkernels.bench import nearest_code as nc
-from vqkernels.bench.protocol import Case
+from benchmarks.suites import nearest_code as nc
+from benchmarks.harness.protocol import Case
 
-from _common import bench_device, case_id, run_case, suite_cases
+from benchmarks.harness.pytest_bench import bench_device, case_id, run_case, suite_cases
 
 SUITE = nc.SUITE
 _PROVS = nc.CUDA_PROVIDERS if bench_device() == "cuda" else nc.CPU_PROVIDERS

@@ -5,20 +5,21 @@
     VQKERNELS_BENCH_SIZES=12288x1024x256 pytest benchmarks/ -k quantizer --benchmark-only
 
 One call = forward + backward of the quantizer module (and its EMA update, inside the forward in training
-mode), gradients cleared first; see :mod:`vqkernels.bench.quantizer`. Environment: see ``_common.py``.
+mode), gradients cleared first; see :mod:`benchmarks.suites.quantizer`. Environment: see
+``harness/pytest_bench.py``.
 
-``extra_info``: tokens/s (from the median), the peak extra memory of one step (use the runner, ``vqkernels bench
---ops quantizer``, for exact CPU peaks), the fraction of indices equal to taming's on the same codebook and
-input, and the loss value.
+``extra_info``: tokens/s (from the median), the peak extra memory of one step (use the runner,
+``python benchmarks/run.py --ops quantizer``, for exact CPU peaks), the fraction of indices equal to taming's on
+the same codebook and input, and the loss value.
 """
 from __future__ import annotations
 
 import pytest
 
-from vqkernels.bench import quantizer as q
-from vqkernels.bench.protocol import Case
+from benchmarks.suites import quantizer as q
+from benchmarks.harness.protocol import Case
 
-from _common import case_id, run_case, suite_cases
+from benchmarks.harness.pytest_bench import case_id, run_case, suite_cases
 
 SUITE = q.SUITE
 # Small enough for 2 CPU cores, shaped like the suite's (tokens on 16 x 16 grids).

@@ -22,8 +22,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .nearest_code import device_reasons
-from .protocol import Case, Metric, NamedSize, Provider, Suite
+from ..harness.common import device_reasons
+from ..harness.protocol import Case, Metric, NamedSize, Provider, Suite
 
 OP = "linear"
 VOCAB = 1024
@@ -75,7 +75,7 @@ def make_inputs(case: Case, device: str, seed: int = 0) -> Inputs:
 def _build(which: str):
     def build(inp: Inputs, case: Case):
         if which == "cpu":
-            from ..ops.linear import PackedLinear
+            from vqkernels.ops.linear import PackedLinear
 
             maps = [(PackedLinear(w, b, backend="cpu"), w.shape[1]) for w, b in inp.weights]
             calls = [(lambda pl=pl, x=inp.xs[k]: pl(x)) for pl, k in maps]
@@ -106,7 +106,7 @@ def _build(which: str):
 def _ours_reasons(case: Case, device: str):
     if device != "cpu":
         return ["the kernel is CPU only (on a GPU PackedLinear is F.linear)"]
-    from .. import _backend
+    from vqkernels import _backend
 
     w = torch.zeros(1, 1, dtype=DTYPES[case.dtype])
     return _backend.not_supported_reasons("linear", "cpu", weight=w, bias=None)

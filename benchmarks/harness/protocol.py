@@ -1,7 +1,7 @@
 """What a benchmark suite declares, and what the runner does with it.
 
-A suite (one per benchmarked op or model: :mod:`.nearest_code`, :mod:`.quantizer`, :mod:`.attention`,
-:mod:`.vqgan`, :mod:`.gpt`) is a :class:`Suite` subclass instance named ``SUITE`` in its module. It says:
+A suite (one per benchmarked op or model, each a module of :mod:`benchmarks.suites`, which lists them) is a
+:class:`Suite` subclass instance named ``SUITE`` in its module. It says:
 
 - ``Size``: a :class:`typing.NamedTuple` of the benchmark's own dimensions -- ``(N, K, D)`` for the search,
   ``(B, H, T, Dh)`` for attention, ``(config, batch, resolution)`` for the VQGAN -- and ``sizes``, the named
@@ -19,20 +19,15 @@ unconditionally.
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, NamedTuple
 
+from .common import fmt_mem, fmt_num, fmt_time, group_rows
+from .report import MEMORY_COLUMNS, STAMP_COLUMNS, TIME_COLUMNS, metric_table
+
 KINDS = ("ours", "reference", "peer", "floor")
 STATUSES = ("ok", "skipped", "too_big", "timeout", "error", "oom")
-
-# The timing columns every suite's CSV has, and the stamps copied into every row (so a row read alone says
-# where it came from).
-TIME_COLUMNS = ["status", "reason", "time_s", "time_min_s", "time_max_s", "repeats", "warmup"]
-MEMORY_COLUMNS = ["peak_mem_bytes", "peak_mem_mb", "mem_method"]
-STAMP_COLUMNS = ["date_utc", "device_name", "cpu_model", "cores", "git_sha", "python", "torch", "triton",
-                 "faiss", "vqkernels"]
 
 
 class NamedSize(NamedTuple):
@@ -225,39 +220,4 @@ class Suite:
         return f"{fmt_time(row['time_s'])}, {rates}, {fmt_mem(row.get('peak_mem_bytes'))}"
 
     def format_table(self, rows, meta) -> str:
-        from .report import metric_table
-
         return metric_table(self, rows, meta)
-
-
-def group_rows(rows, key) -> dict:
-    groups: dict = {}
-    for r in rows:
-        groups.setdefault(key(r), []).append(r)
-    return groups
-
-
-# --- formatting shared by the tables -----------------------------------------------------------
-
-def fmt_time(t) -> str:
-    if t is None or (isinstance(t, float) and math.isnan(t)):
-        return "-"
-    return f"{t * 1e3:.3g} ms" if t < 1 else f"{t:.3g} s"
-
-
-def fmt_mem(b) -> str:
-    if b is None or b == "":
-        return "-"
-    return f"{b / 2**20:.1f} MB" if b < 2**30 else f"{b / 2**30:.2f} GB"
-
-
-def fmt_num(v) -> str:
-    if v is None:
-        return "-"
-    if v == 0:
-        return "0"
-    if abs(v) >= 1e6:
-        return f"{v / 1e6:.3g} M"
-    if abs(v) >= 1e4:
-        return f"{v / 1e3:.3g} k"
-    return f"{v:.4g}" if abs(v) >= 1e3 else f"{v:.3g}"

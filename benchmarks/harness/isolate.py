@@ -1,9 +1,9 @@
 """A measurement in a fresh process: the spec goes in as JSON, the result comes back as JSON.
 
-``python -m vqkernels.bench.isolate SPEC.json OUT.json`` measures one case (:func:`.measure.measure`). The
-parent watches it: killed past the timeout, or (CPU) once its RSS passes the memory cap. A fresh process gives
-exact CPU peak memory (no heap kept from earlier cases) and keeps apart what cannot share a process (a peer's
-stand-in modules, a second install of a library).
+``python -m benchmarks.harness.isolate SPEC.json OUT.json`` (the checkout's root on the path) measures one case
+(:func:`.measure.measure`). The parent watches it: killed past the timeout, or (CPU) once its RSS passes the
+memory cap. A fresh process gives exact CPU peak memory (no heap kept from earlier cases) and keeps apart what
+cannot share a process (a peer's stand-in modules, a second install of a library).
 """
 from __future__ import annotations
 
@@ -39,9 +39,13 @@ def child_env(threads: int, allow_interpreter: bool, extra_path=()) -> dict:
         env[k] = str(threads)
     if allow_interpreter:
         env["VQKERNELS_BENCH_ALLOW_INTERPRETER"] = "1"
-    # The child imports this very package, wherever it was imported from; a provider's own paths come first.
-    pkg_root = str(Path(__file__).resolve().parents[2])
-    paths = [str(p) for p in extra_path] + [pkg_root]
+    # The child imports the very vqkernels this process runs (an installed one, or the checkout's) and this
+    # harness from the checkout it lives in; a provider's own paths come first.
+    import vqkernels
+
+    vqkernels_root = str(Path(vqkernels.__file__).resolve().parents[1])
+    checkout = str(Path(__file__).resolve().parents[2])
+    paths = list(dict.fromkeys([str(p) for p in extra_path] + [vqkernels_root, checkout]))
     env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     return env
 
@@ -54,7 +58,7 @@ def run_subprocess(spec: dict, timeout: float, rss_cap: int | None, workdir: Pat
     spec_path, out_path = workdir / f"{tag}.spec.json", workdir / f"{tag}.out.json"
     spec_path.write_text(json.dumps(spec))
     out_path.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "vqkernels.bench.isolate", str(spec_path), str(out_path)]
+    cmd = [sys.executable, "-m", "benchmarks.harness.isolate", str(spec_path), str(out_path)]
     log = open(workdir / f"{tag}.log", "w+")
     proc = subprocess.Popen(cmd, env=child_env(spec["threads"], spec.get("allow_interpreter", False), extra_path),
                             stdout=log, stderr=subprocess.STDOUT)
@@ -87,7 +91,7 @@ def run_subprocess(spec: dict, timeout: float, rss_cap: int | None, workdir: Pat
 
 
 def child_main(argv) -> int:
-    """``python -m vqkernels.bench.isolate SPEC.json OUT.json``."""
+    """``python -m benchmarks.harness.isolate SPEC.json OUT.json``."""
     from .measure import measure
 
     spec = json.loads(Path(argv[0]).read_text())

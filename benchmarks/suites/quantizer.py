@@ -8,7 +8,7 @@ straight-through ``z_q`` (with a fixed upstream gradient, as the decoder would g
 the forward (training mode), so it is timed too. Every provider starts from the same codebook (the
 suite's standard-normal ``cb``) and the same inputs.
 
-Providers (kinds as in :mod:`vqkernels.bench.nearest_code`):
+Providers (kinds as in :mod:`benchmarks.suites.nearest_code`):
     ours       vqkernels        vqkernels.VectorQuantizer(K, D, beta=0.25), z (B, C, H, W); the usual backend
                vqkernels-ema    vqkernels.VectorQuantize(dim=D, codebook_size=K, decay=0.99, rotation_trick=False),
                                 z (B, T, D): the EMA codebook, next to vqtorch-ema
@@ -35,9 +35,10 @@ from __future__ import annotations
 
 import torch
 
-from .nearest_code import NKDSuite, Size, device_reasons
+from ..harness.common import device_reasons, fmt_mem, fmt_time, importable_reasons
+from ..harness.protocol import Case, Metric, NamedSize, Provider
+from .nearest_code import NKDSuite, Size
 from .nearest_code import flops as _search_flops
-from .protocol import Case, Metric, NamedSize, Provider, fmt_mem, fmt_time
 
 OP = "quantizer"
 REFERENCE_PROVIDER = "taming"  # the indices every provider is compared with; its own output feeds the cache
@@ -50,13 +51,6 @@ PAIRS = (("vqkernels", "taming"), ("vqkernels", "vqtorch"), ("vqkernels-ema", "v
 
 # The modules all hold a float32 codebook; a bf16/fp16 step is an autocast question, not this suite's.
 DTYPES = {"fp32": torch.float32}
-
-
-def dtype_of(name: str) -> torch.dtype:
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise ValueError(f"the quantizer suite runs {tuple(DTYPES)} only, not {name!r}") from None
 
 
 SIZES = {
@@ -189,12 +183,8 @@ def _vq_module_build(cls_path, **options):
 
 
 def _import_reasons(module: str):
-    def reasons(case, device):
-        try:
-            __import__(module)
-        except Exception as e:  # noqa: BLE001 -- a peer not installed: its rows are skipped with this reason
-            return [f"{module} is not importable ({type(e).__name__}: {e})"]
-        return device_reasons(device)
+    def reasons(case, device):  # a peer not installed: its rows are skipped with this reason
+        return importable_reasons(module) or device_reasons(device)
 
     return reasons
 

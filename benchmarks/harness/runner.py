@@ -1,5 +1,4 @@
-"""The benchmark runner's command line: ``vqkernels bench`` and ``python benchmarks/run.py`` call :func:`main`;
-the CLI embeds the options with :func:`add_arguments` and calls :func:`run`.
+"""The benchmark runner's command line: ``python benchmarks/run.py [options]`` (``make bench``) calls :func:`main`.
 
 What the pieces do (a newcomer's map):
   protocol.py  what a suite declares: Size (a NamedTuple of its dimensions), modes, metrics, providers, checks
@@ -9,7 +8,9 @@ What the pieces do (a newcomer's map):
   memory.py    the peak-memory meter (VmHWM on CPU, max_memory_allocated on CUDA)
   stamps.py    device, CPU ISA, versions, git sha, date: the metadata of every result
   report.py    CSV / JSON / PNG per suite, and the generic table
-  nearest_code.py, quantizer.py, attention.py, vqgan.py, gpt.py: the suites
+  common.py    what suites and harness share: why a provider cannot run, number formats
+  pytest_bench.py  the same measurement steps for the pytest-benchmark modules (benchmarks/bench_*.py)
+The suites are the modules of ``benchmarks/suites/``, listed once in ``benchmarks/suites/__init__.py``.
 
 A provider that cannot run (not built, wrong device or dtype, a peer not installed), whose memory estimate is
 over ``--mem-cap-gb``, or that passes ``--timeout`` is recorded as skipped, too big or timed out, with the
@@ -27,20 +28,21 @@ import sys
 import tempfile
 from pathlib import Path
 
-from . import DEFAULT_OPS, OP_GROUPS, OPS
-from .isolate import child_main, clean_env, run_subprocess
-from .measure import load_suite, measure
+from ..suites import DEFAULT_SUITES, GROUPS, SUITES, load_suite
+from .isolate import clean_env, run_subprocess
+from .measure import measure
 from .plan import default_mem_cap, plan_cases, plan_ops, plan_threads, resolve_device
 from .report import write_outputs
 from .stamps import collect_meta, default_out_dir
 
 
-def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The runner's options, added to ``p`` (the CLI's ``bench`` subparser, or our own parser)."""
-    p.add_argument("--ops", nargs="+", choices=list(OPS) + list(OP_GROUPS), default=None, metavar="OP",
-                   help=f"the suites that run, in this order: {', '.join(OPS)}; or all, or models (vqgan gpt) "
-                        f"(default: {', '.join(DEFAULT_OPS)})")
-    p.add_argument("--op", choices=sorted(OPS), default=None, help=argparse.SUPPRESS)  # old spelling of --ops OP
+def build_parser() -> argparse.ArgumentParser:
+    """The runner's options."""
+    p = argparse.ArgumentParser(prog="benchmarks/run.py", description="The vqkernels benchmark suites.")
+    p.add_argument("--ops", nargs="+", choices=list(SUITES) + list(GROUPS), default=None, metavar="OP",
+                   help=f"the suites that run, in this order: {', '.join(SUITES)}; or all, or models (vqgan gpt) "
+                        f"(default: {', '.join(DEFAULT_SUITES)})")
+    p.add_argument("--op", choices=sorted(SUITES), default=None, help=argparse.SUPPRESS)  # old spelling of --ops OP
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: cuda when a GPU is present, else cpu (the suite's sizes follow the device)")
     p.add_argument("--sizes", nargs="+", metavar="SIZE",
@@ -88,31 +90,15 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vqkernels bench", description="The vqkernels benchmark suites.")
-    return add_arguments(p)
-
-
 def main(argv=None) -> int:
-    """``vqkernels bench`` / ``python benchmarks/run.py``: parse ``argv`` and run."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["_child"]:  # the old spelling of ``python -m vqkernels.bench.isolate``
-        return child_main(argv[1:])
-    return run(build_parser().parse_args(argv))
-
-
-def _parse_size(suite, token: str):
-    """A size token of ``suite`` (a Suite, or the module holding its SUITE)."""
-    return getattr(suite, "SUITE", suite).parse_size(token)
+    """``python benchmarks/run.py``: parse ``argv`` and run."""
+    return run(build_parser().parse_args(sys.argv[1:] if argv is None else argv))
 
 
 def run(args) -> int:
-    """Run the suites described by ``args`` (from :func:`add_arguments`), one after the other; returns an exit
+    """Run the suites described by ``args`` (from :func:`build_parser`), one after the other; returns an exit
     status (1 when some measurement failed and none ran)."""
     argv_repr = " ".join(sys.argv)
-    for name in ("modes",):  # a parser built by an older CLI lacks the newer options
-        if not hasattr(args, name):
-            setattr(args, name, None)
     ops = plan_ops(args)
     device = resolve_device(args.device)
     if device == "cuda":
@@ -169,7 +155,7 @@ def print_plan(suite, cases, device, threads_list) -> None:
 
 def run_op(args, suite, cases, device, threads_list, meta, out_dir: Path) -> list[dict]:
     """One suite: measure its cases, write ``<op>.csv/.json/.png`` into ``out_dir``, print its table."""
-    print(f"vqkernels bench: {suite.op} on {meta['device_name']} ({device}), threads {threads_list}, "
+    print(f"benchmark {suite.op} on {meta['device_name']} ({device}), threads {threads_list}, "
           f"{args.repeats} repeats; {'subprocess per measurement' if args.isolate else 'in-process'}; "
           f"memory cap {args.mem_cap_bytes / 2**30:.1f} GiB")
     workdir = Path(tempfile.mkdtemp(prefix="vqkernels-bench-"))

@@ -4,10 +4,9 @@ from __future__ import annotations
 import os
 import re
 
-from . import DEFAULT_OPS, OP_GROUPS
-from .measure import load_suite
+from ..suites import DEFAULT_SUITES, GROUPS, load_suite
+from .common import usable_cores
 from .protocol import Case
-from .stamps import usable_cores
 
 
 def resolve_device(want: str) -> str:
@@ -38,17 +37,17 @@ def _parses(suite, token: str) -> bool:
 
 
 def plan_ops(args) -> list[str]:
-    """The suites this run benchmarks: ``--ops`` (``all``: every suite, ``models``: vqgan and gpt; the old ``--op``), default
-    ``DEFAULT_OPS``. With several, a suite that knows none of the ``--providers``, ``--dtypes`` or ``--sizes``
-    named is left out; a name no suite knows is an error."""
-    want = args.ops or ([args.op] if args.op else list(DEFAULT_OPS))
-    ops = list(dict.fromkeys(op for name in want for op in OP_GROUPS.get(name, (name,))))
+    """The suites this run benchmarks: ``--ops`` (``all``: every suite, ``models``: vqgan and gpt; the old ``--op``),
+    default ``DEFAULT_SUITES``. With several, a suite that knows none of the ``--providers``, ``--dtypes`` or
+    ``--sizes`` named is left out; a name no suite knows is an error."""
+    want = args.ops or ([args.op] if args.op else list(DEFAULT_SUITES))
+    ops = list(dict.fromkeys(op for name in want for op in GROUPS.get(name, (name,))))
     if len(ops) == 1:
         return ops
     suites = {op: load_suite(op) for op in ops}
     filters = (("--providers", split(args.providers), lambda s, n: n in s.providers),
                ("--dtypes", split(args.dtypes), lambda s, n: n in s.dtypes),
-               ("--sizes", split(getattr(args, "sizes", None)), _parses))
+               ("--sizes", split(args.sizes), _parses))
     for flag, names, knows in filters:
         if not names:
             continue
@@ -65,7 +64,7 @@ def plan_cases(args, suite, device: str, lenient: bool = False) -> list[Case]:
     dtypes = split(args.dtypes)
     providers = split(args.providers)
     sizes = split(args.sizes)
-    modes = split(getattr(args, "modes", None))
+    modes = split(args.modes)
     if lenient:
         dtypes = [d for d in dtypes if d in suite.dtypes]
         providers = [n for n in providers if n in suite.providers]

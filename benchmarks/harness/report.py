@@ -1,12 +1,22 @@
 """Reports: a suite's rows as CSV (its own columns + the stamps), JSON (rows, every timing, the metadata), a PNG
-(matplotlib) and the printed table (:func:`metric_table` unless the suite formats its own)."""
+(matplotlib) and the printed table (:func:`metric_table` unless the suite formats its own).
+
+It knows a suite only by its attributes (``op``, ``metrics``, ``csv_columns()``, ...), so it imports nothing of
+:mod:`.protocol`, which imports it."""
 from __future__ import annotations
 
 import csv
 import json
 from pathlib import Path
 
-from .protocol import STAMP_COLUMNS, fmt_mem, fmt_num, fmt_time, group_rows
+from .common import fmt_mem, fmt_num, fmt_time, group_rows
+
+# The timing columns every suite's CSV has, and the stamps copied into every row (so a row read alone says
+# where it came from); a suite's columns are these around its own (:meth:`.protocol.Suite.csv_columns`).
+TIME_COLUMNS = ["status", "reason", "time_s", "time_min_s", "time_max_s", "repeats", "warmup"]
+MEMORY_COLUMNS = ["peak_mem_bytes", "peak_mem_mb", "mem_method"]
+STAMP_COLUMNS = ["date_utc", "device_name", "cpu_model", "cores", "git_sha", "python", "torch", "triton",
+                 "faiss", "vqkernels"]
 
 
 def write_outputs(suite, rows, meta, out_dir: Path, plot: bool) -> dict:

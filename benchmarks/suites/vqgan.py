@@ -22,22 +22,21 @@ Providers:
 
 Both sides get the same weights: the VQModel, the discriminator and LPIPS (random, for timing: no download) are
 built by ours and loaded into taming's (the state_dict keys are the same). taming needs stand-in modules to
-import (``benchmarks/_taming_standins.py``, in the checkout only): its providers run in their own process, and
-are skipped with that reason from an installed wheel.
+import (:mod:`benchmarks.peers`): its providers run in their own process.
 
 Metric: images/s (batch / time). No correctness column (both sides train the same model; the model tests
 compare the numbers).
 """
 from __future__ import annotations
 
-import importlib.util
+import dataclasses
 from typing import NamedTuple
 
 import torch
 
-from .nearest_code import device_reasons
-from .protocol import Case, Metric, NamedSize, Provider, Suite
-from .stamps import repo_root
+from .. import peers
+from ..harness.common import device_reasons, importable_reasons
+from ..harness.protocol import Case, Metric, NamedSize, Provider, Suite
 
 OP = "vqgan"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -50,24 +49,26 @@ class Size(NamedTuple):
     resolution: int
 
 
+# The named model configurations: fields of VQGANConfig over taming's f16 ImageNet model (1024 codes of 256).
+# These are benchmark sizes, not models anyone trains: they live here, not on the model's config.
+CONFIGS = {
+    "cpu": dict(ch=64, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(8,), z_channels=64, n_embed=512,
+                embed_dim=64),  # the CPU size: 512 codes of 64, attention at 8 (64 px images)
+    "f16": {},  # taming's f16 ImageNet model itself
+    "tiny": dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,), z_channels=32, n_embed=64,
+                 embed_dim=32),  # smoke runs
+}
+
+
 def model_config(name: str, resolution: int):
-    """The VQGANConfig of a named configuration at ``resolution``."""
-    from ..models import VQGANConfig
+    """The VQGANConfig of a named configuration (:data:`CONFIGS`) at ``resolution``."""
+    from vqkernels.models import VQGANConfig
 
-    if name == "cpu":  # ch 64, ch_mult [1, 2, 2, 4], 512 codes of 64, attention at 8 (64 px images)
-        cfg = VQGANConfig.cpu_bench()
-    elif name == "f16":  # taming's f16 ImageNet model, 1024 codes of 256
-        cfg = VQGANConfig.f16_1024()
-    elif name == "tiny":
-        cfg = VQGANConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(16,), resolution=32,
-                          z_channels=32, n_embed=64, embed_dim=32)
-    else:
-        raise ValueError(f"unknown VQGAN configuration {name!r}; expected one of {CONFIGS}")
-    cfg.resolution = resolution
-    return cfg
+    if name not in CONFIGS:
+        raise ValueError(f"unknown VQGAN configuration {name!r}; expected one of {tuple(CONFIGS)}")
+    return dataclasses.replace(VQGANConfig.f16_1024(), **CONFIGS[name], resolution=resolution)
 
 
-CONFIGS = ("cpu", "f16", "tiny")
 SIZES = {
     "cpu": NamedSize(Size("cpu", 8, 64), "CPU: ch 64, ch_mult [1,2,2,4], 512 codes of 64, attention at 8, 64x64"),
     "f16": NamedSize(Size("f16", 8, 256), "GPU: taming's f16 ImageNet config (ch 128, [1,1,2,2,4], 1024 codes of "
@@ -108,7 +109,7 @@ def make_inputs(case: Case, device: str, seed: int = 0) -> Inputs:
 
 def _ours(case: Case, device: str):
     """Our VQModel and VQGANLoss, seeded: the weights every provider starts from."""
-    from ..models import VQGANLoss, VQModel
+    from vqkernels.models import VQGANLoss, VQModel
 
     torch.manual_seed(1234)
     model = VQModel(model_config(case.size.config, case.size.resolution))
@@ -118,9 +119,7 @@ def _ours(case: Case, device: str):
 
 def _taming(case: Case, device: str):
     """taming's VQModel + VQLPIPSWithDiscriminator with our weights (stand-ins installed, LPIPS offline)."""
-    import _taming_standins as standins  # benchmarks/, on this process's path (Provider.child_path)
-
-    standins.install()
+    peers.install()  # taming's stand-ins (this provider has a process of its own)
     from taming.models.vqgan import VQModel as TamingVQModel
 
     ours, our_loss = _ours(case, "cpu")
@@ -129,7 +128,7 @@ def _taming(case: Case, device: str):
                     out_ch=cfg.out_ch, ch=cfg.ch, ch_mult=list(cfg.ch_mult), num_res_blocks=cfg.num_res_blocks,
                     attn_resolutions=list(cfg.attn_resolutions), dropout=cfg.dropout)
     lossconfig = {"target": "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator", "params": LOSS}
-    with standins.offline_lpips():
+    with peers.offline_lpips():
         model = TamingVQModel(ddconfig, lossconfig, n_embed=cfg.n_embed, embed_dim=cfg.embed_dim)
     missing, unexpected = model.load_state_dict({**ours.state_dict(),
                                                  **{f"loss.{k}": v for k, v in our_loss.state_dict().items()}},
@@ -230,29 +229,12 @@ def _build(which: str):
     return build
 
 
-def importable_reasons(device: str, module: str) -> list[str]:
-    """Why our provider cannot run here: the device is missing, or ``module`` (ours) does not import."""
-    r = device_reasons(device)
-    if r:
-        return r
-    try:
-        importlib.import_module(module)
-    except Exception as e:  # noqa: BLE001
-        return [f"{module} is not importable ({type(e).__name__}: {e})"]
-    return []
-
-
 def _ours_reasons(case: Case, device: str):
-    return importable_reasons(device, "vqkernels.models")
+    return device_reasons(device) or importable_reasons("vqkernels.models")
 
 
 def taming_reasons(case: Case, device: str) -> list[str]:
-    if importlib.util.find_spec("taming") is None:
-        return ["taming (taming-transformers) is not installed"]
-    if repo_root() is None:
-        return ["taming needs stand-in modules to import on today's libraries; they live in the checkout's "
-                "benchmarks/_taming_standins.py (run the benchmark from a checkout)"]
-    return device_reasons(device)
+    return peers.taming_reasons() or device_reasons(device)
 
 
 def _taming_reasons(mode_ok=MODES):
@@ -264,20 +246,13 @@ def _taming_reasons(mode_ok=MODES):
     return reasons
 
 
-def standins_path() -> list[str]:
-    root = repo_root()
-    return [str(root / "benchmarks")] if root else []
-
-
 PROVIDERS = {
     "vqkernels": Provider("vqkernels", "ours", "vqkernels.models.VQModel + VQGANLoss (reconstruction reused for the "
                           "discriminator step)", _build("vqkernels"), _ours_reasons),
     "taming": Provider("taming", "peer", "taming VQModel + VQLPIPSWithDiscriminator, stepped as under Lightning "
-                       "(a forward per optimizer)", _build("taming"), _taming_reasons(), isolated=True,
-                       child_path=standins_path),
+                       "(a forward per optimizer)", _build("taming"), _taming_reasons(), isolated=True),
     "taming-reuse": Provider("taming-reuse", "peer", "taming's modules in our loop (one forward, reconstruction "
-                             "reused)", _build("taming-reuse"), _taming_reasons(("train",)), isolated=True,
-                             child_path=standins_path),
+                             "reused)", _build("taming-reuse"), _taming_reasons(("train",)), isolated=True),
 }
 
 
@@ -303,7 +278,7 @@ class VQGANSuite(Suite):
         parts = token.split("x")
         if len(parts) == 3 and parts[0] in CONFIGS and parts[1].isdigit() and parts[2].isdigit():
             return Size(parts[0], int(parts[1]), int(parts[2]))
-        raise SystemExit(f"bad vqgan size {token!r}: expected CONFIGxBATCHxRESOLUTION (CONFIG one of {CONFIGS}) "
+        raise SystemExit(f"bad vqgan size {token!r}: expected CONFIGxBATCHxRESOLUTION (CONFIG one of {tuple(CONFIGS)}) "
                          f"or one of {', '.join(self.sizes)}")
 
     def default_cases(self, device, quick=False, large=False):

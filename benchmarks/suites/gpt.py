@@ -17,8 +17,7 @@ Providers:
     taming-past   taming's mingpt.sample_with_past (its KV cache: torch.cat of the past every step)
     hf-gpt2       Hugging Face transformers' GPT2LMHeadModel.generate with its KV cache (do_sample, top_k 100), the
                   same size; train: its forward + backward. transformers runs in its own process (taming's
-                  stand-in for it cannot share one): from the environment when it is importable, else from
-                  ``$VQKERNELS_BENCH_HF_PATH`` or ``<venv>/hf-packages`` (``make bench`` installs it there)
+                  stand-in for it cannot share one), from where :func:`benchmarks.peers.hf_path` finds it
 
 Ours and taming's get the same weights (ours built, loaded into minGPT's: the state_dict keys are the same);
 GPT-2 is the same size with its own random init (its MLP uses the tanh GELU; otherwise the same blocks).
@@ -26,17 +25,14 @@ Metric: tokens/s (batch * tokens / time).
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
-from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
-from .nearest_code import device_reasons
-from .protocol import Case, Metric, NamedSize, Provider, Suite
-from .vqgan import importable_reasons, standins_path, taming_reasons
+from .. import peers
+from ..harness.common import device_reasons, importable_reasons
+from ..harness.protocol import Case, Metric, NamedSize, Provider, Suite
+from .vqgan import taming_reasons
 
 OP = "gpt"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -94,7 +90,7 @@ def make_inputs(case: Case, device: str, seed: int = 0) -> Inputs:
 
 
 def _ours(case: Case, device: str):
-    from ..models.gpt import GPT, GPTConfig
+    from vqkernels.models.gpt import GPT, GPTConfig
 
     s = case.size
     torch.manual_seed(1234)
@@ -103,9 +99,7 @@ def _ours(case: Case, device: str):
 
 
 def _taming(case: Case, device: str):
-    import _taming_standins as standins  # benchmarks/, on this process's path (Provider.child_path)
-
-    standins.install(transformers=True)
+    peers.install(transformers=True)  # taming's stand-ins (this provider has a process of its own)
     from taming.modules.transformer.mingpt import GPT as MinGPT
 
     s = case.size
@@ -206,7 +200,7 @@ def _graph_reasons(case: Case, device: str):
 
 
 def _ours_reasons(case: Case, device: str):
-    return importable_reasons(device, "vqkernels.models.gpt")
+    return device_reasons(device) or importable_reasons("vqkernels.models.gpt")
 
 
 def _taming_reasons(modes):
@@ -218,29 +212,8 @@ def _taming_reasons(modes):
     return reasons
 
 
-def hf_path() -> list[str]:
-    """Where transformers comes from for the hf-gpt2 process: [] when this environment has it."""
-    mod = sys.modules.get("transformers")
-    if mod is not None and hasattr(mod, "__version__"):
-        return []
-    try:
-        if mod is None and importlib.util.find_spec("transformers") is not None:
-            return []
-    except (ImportError, ValueError):  # a broken or stand-in module
-        pass
-    env = os.environ.get("VQKERNELS_BENCH_HF_PATH")
-    return [env] if env else [str(Path(sys.prefix) / "hf-packages")]
-
-
 def _hf_reasons(case: Case, device: str):
-    r = device_reasons(device)
-    if r:
-        return r
-    paths = hf_path()
-    if paths and not (Path(paths[0]) / "transformers" / "__init__.py").is_file():
-        return [f"transformers is not installed here nor in {paths[0]} (make bench installs it there; or set "
-                f"VQKERNELS_BENCH_HF_PATH to a folder holding it)"]
-    return []
+    return device_reasons(device) or peers.hf_reasons()
 
 
 PROVIDERS = {
@@ -249,13 +222,12 @@ PROVIDERS = {
     "vqkernels-graph": Provider("vqkernels-graph", "ours", "vqkernels.models.GPT.generate(cuda_graph=True): the "
                                 "decoding step replayed as a CUDA graph", _build("vqkernels-graph"), _graph_reasons),
     "taming": Provider("taming", "peer", "taming's minGPT: mingpt.sample (recomputes the prefix) / forward + backward",
-                       _build("taming"), _taming_reasons(MODES), isolated=True, child_path=standins_path),
+                       _build("taming"), _taming_reasons(MODES), isolated=True),
     "taming-past": Provider("taming-past", "peer", "taming's mingpt.sample_with_past (torch.cat KV cache)",
-                            _build("taming-past"), _taming_reasons(("sample",)), isolated=True,
-                            child_path=standins_path),
+                            _build("taming-past"), _taming_reasons(("sample",)), isolated=True),
     "hf-gpt2": Provider("hf-gpt2", "peer", "Hugging Face transformers GPT2LMHeadModel.generate (KV cache) / forward + "
-                        "backward, the same size", _build("hf-gpt2"), _hf_reasons, isolated=True, child_path=hf_path,
-                        extra={"needs_real_module": "transformers"}),
+                        "backward, the same size", _build("hf-gpt2"), _hf_reasons, isolated=True,
+                        child_path=peers.hf_path, extra={"needs_real_module": "transformers"}),
 }
 
 

@@ -4,7 +4,7 @@ A *provider* is one way of answering "which code is nearest to each row of x": o
 code paths of the libraries people use today (the peers), and a bare matmul of the same shape (the
 floor: what the GEMM alone costs, not a search). A size is ``Size(N, K, D)``; ``SUITE.make_inputs(case, device)``
 gives (x (N, D), codebook (K, D)) and ``PROVIDERS[name].build(inputs, case)`` a zero-argument callable whose
-result is the int64 indices (N,) -- or, for a floor, the (N, K) matrix (see :mod:`.protocol`).
+result is the int64 indices (N,) -- or, for a floor, the (N, K) matrix (see :mod:`benchmarks.harness.protocol`).
 
 Kinds (the table's ratios use them):
     ours       vqkernels.nearest_code(backend=cpu|triton|cuda): the fused kernels
@@ -19,23 +19,17 @@ ones for GPUs.
 from __future__ import annotations
 
 import math
-import os
 from typing import NamedTuple
 
 import torch
 
-from .protocol import Case, Metric, NamedSize, Provider, Suite, fmt_time, group_rows
+from ..harness.common import (backend_reasons, device_reasons, fmt_time, group_rows, importable_reasons,
+                              interpreter_reasons)
+from ..harness.protocol import Case, Metric, NamedSize, Provider, Suite
 
 OP = "nearest_code"
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def dtype_of(name: str) -> torch.dtype:
-    try:
-        return DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}; expected one of {tuple(DTYPES)}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,48 +91,16 @@ def flops(N: int, K: int, D: int) -> float:
 
 def make_inputs(N: int, K: int, D: int, dtype: str, device: str, seed: int = 0):
     """x (N, D) and codebook (K, D), standard normal, on ``device`` in ``dtype`` (the tests' factory)."""
-    from ..testing import make_inputs as _make
+    from vqkernels.testing import make_inputs as _make
 
-    return _make(N, K, D, dtype_of(dtype), device, seed=seed)
+    return _make(N, K, D, DTYPES[dtype], device, seed=seed)
 
 
 def _probe(N, K, D, dtype, device):
     """Tensors shaped like the real inputs but costing nothing (the codebook is an expanded row)."""
-    x = torch.empty(1, D, dtype=dtype_of(dtype), device=device)
-    cb = torch.empty(1, D, dtype=dtype_of(dtype), device=device).expand(K, D)
+    x = torch.empty(1, D, dtype=DTYPES[dtype], device=device)
+    cb = torch.empty(1, D, dtype=DTYPES[dtype], device=device).expand(K, D)
     return x, cb
-
-
-def device_reasons(device: str) -> list[str]:
-    if device == "cuda":
-        try:
-            ok = torch.cuda.is_available()
-        except Exception:  # noqa: BLE001
-            ok = False
-        if not ok:
-            return ["no CUDA device here"]
-    return []
-
-
-_device_reasons = device_reasons  # the older name
-
-
-def backend_reasons(op: str, backend: str, **named) -> list[str]:
-    """Why ``backend`` cannot run ``op`` on these (named) arguments, from the op's own capability table."""
-    from .. import _backend
-
-    try:
-        return list(_backend.not_supported_reasons(op, backend, **named))
-    except TypeError:  # a table whose reason functions name their arguments differently: pass them in order
-        return list(_backend.not_supported_reasons(op, backend, *named.values()))
-
-
-def interpreter_reasons(backend: str, device: str) -> list[str]:
-    if (backend == "triton" and device == "cpu"
-            and os.environ.get("VQKERNELS_BENCH_ALLOW_INTERPRETER", "0") in ("", "0")):
-        return ["Triton runs on CPU tensors only under its interpreter, which is not worth timing "
-                "(--allow-interpreter times it anyway)"]
-    return []
 
 
 # --- ours and the reference: vqkernels.nearest_code(backend=...) -------------------------------
@@ -148,7 +110,7 @@ def _ours_reasons(backend: str):
         r = device_reasons(device)
         if r:
             return r
-        from ..ops import nearest_code as nc  # noqa: F401  (registers the op's capability table)
+        from vqkernels.ops import nearest_code as nc  # noqa: F401  (registers the op's capability table)
 
         N, K, D = case.size
         x, cb = _probe(N, K, D, case.dtype, device)
@@ -202,11 +164,9 @@ def _any_dtype_reasons(case, device):
 
 
 def _faiss_reasons(case, device):
-    try:
-        import faiss  # noqa: F401
-    except Exception as e:  # noqa: BLE001
-        return [f"faiss is not importable ({type(e).__name__}: {e})"]
-    r = []
+    r = importable_reasons("faiss")
+    if r:
+        return r
     if case.dtype != "fp32":
         r.append(f"faiss IndexFlatL2 takes float32 only, not {case.dtype}")
     if device != "cpu":
@@ -272,7 +232,7 @@ PROVIDERS: dict[str, Provider] = {
 def nk_bytes(provider: Provider, N: int, K: int, dtype: str) -> int:
     """Estimated bytes of the (N, K) matrices ``provider`` holds at its peak (0 for the fused ones):
     ``extra["nk_matrices"]`` of them, of ``extra["nk_elem_bytes"]`` (default: the input dtype's size)."""
-    elem = provider.extra.get("nk_elem_bytes") or torch.empty((), dtype=dtype_of(dtype)).element_size()
+    elem = provider.extra.get("nk_elem_bytes") or torch.empty((), dtype=DTYPES[dtype]).element_size()
     return int(provider.extra.get("nk_matrices", 0.0) * N * K * elem)
 
 
@@ -305,7 +265,7 @@ def correct_fraction(x: torch.Tensor, cb: torch.Tensor, idx: torch.Tensor, ref_i
     when it equals the reference's index. A provider that computes in bf16/fp16, or picks wrong
     codes, shows a fraction below 1.
     """
-    from ..testing import ACC_EPS
+    from vqkernels.testing import ACC_EPS
 
     idx = idx.reshape(-1).to(device=x.device, dtype=torch.int64)
     ref_idx = ref_idx.reshape(-1).to(device=x.device, dtype=torch.int64)

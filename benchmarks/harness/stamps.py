@@ -9,18 +9,16 @@ import re
 import subprocess
 from pathlib import Path
 
-from .._info import _cpu_model  # one reader of the CPU model, shared with vqkernels.info
+from vqkernels._info import _cpu_model  # one reader of the CPU model, shared with vqkernels.info
+
+from .common import usable_cores
+
+# The checkout this harness belongs to: its git sha stamps the results, which go to its benchmarks/results/.
+CHECKOUT = Path(__file__).resolve().parents[2]
 
 # Versions recorded in the metadata when the package is importable (the peers a suite compares with).
 PEER_VERSIONS = ("triton", "faiss", "numpy", "taming", "vector_quantize_pytorch", "flash_attn", "pytorch_lightning",
                  "torchvision")
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def cpu_isa() -> str:
@@ -38,14 +36,9 @@ def cpu_isa() -> str:
     return ""
 
 
-def repo_root() -> Path | None:
-    """The source checkout this package runs from (it has benchmarks/), else None (an installed wheel)."""
-    root = Path(__file__).resolve().parents[2]
-    return root if (root / "benchmarks").is_dir() and (root / "vqkernels").is_dir() else None
-
-
 def git_sha() -> tuple[str, bool | None]:
-    cwd = repo_root() or Path.cwd()
+    """The checkout's commit, and whether tracked files differ from it ("unknown", None: not a git checkout)."""
+    cwd = CHECKOUT
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
                              timeout=10).stdout.strip()
@@ -130,6 +123,4 @@ def device_slug(meta: dict) -> str:
 
 
 def default_out_dir(meta: dict) -> Path:
-    root = repo_root()
-    base = root / "benchmarks" / "results" if root else Path.cwd() / "vqkernels-bench-results"
-    return base / f"{meta['date_utc'][:10]}-{device_slug(meta)}"
+    return CHECKOUT / "benchmarks" / "results" / f"{meta['date_utc'][:10]}-{device_slug(meta)}"

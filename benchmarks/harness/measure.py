@@ -13,24 +13,15 @@ A provider's failure is a result (status ``error`` / ``oom`` with the message), 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import statistics
 import time
 from pathlib import Path
 
-from .protocol import Case
+from ..suites import load_suite
 from .memory import MemoryMeter
+from .protocol import Case
 
 MAX_REPEATS = 100  # cap on the timed calls min_time may add
-
-
-def load_suite(op: str):
-    """The ``SUITE`` of an op's module (``vqkernels.bench.OPS``)."""
-    from . import OPS
-
-    if op not in OPS:
-        raise SystemExit(f"unknown op {op!r}; expected one of {', '.join(OPS)}")
-    return importlib.import_module(OPS[op]).SUITE
 
 
 def case_from_spec(suite, spec: dict) -> Case:
@@ -69,9 +60,7 @@ def _cpu_seconds() -> float:
 
 
 def measure(spec: dict) -> dict:
-    """Measure one case of one provider (``spec``: see :func:`vqkernels.bench.runner.run_suite`)."""
-    import torch
-
+    """Measure one case of one provider (``spec``: see :func:`benchmarks.harness.runner.run_suite`)."""
     suite = load_suite(spec["op"])
     prov = suite.providers[spec["provider"]]
     case = case_from_spec(suite, spec)
@@ -81,19 +70,13 @@ def measure(spec: dict) -> dict:
     reasons = prov.reasons(case, device)
     if reasons:
         return {**res, "status": "skipped", "reason": "; ".join(reasons)}
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     try:
-        tiny = suite.warmup_case(case)
-        if tiny != case:
-            prov.build(suite.make_inputs(tiny, device, spec["seed"] + 1), tiny)()
-            sync()
-        inputs = suite.make_inputs(case, device, spec["seed"])
-        fn = prov.build(inputs, case)
+        inputs, fn = prepare(suite, prov, case, device, spec["seed"])
         meter = MemoryMeter(device)
         meter.start()  # baseline: inputs created and touched, nothing run at full size yet
         for _ in range(spec["warmup"]):
             fn()
-            sync()
+            synchronize(device)
         meter.restart_cuda_peak()
         times, cpu_times, out = [], [], None
         while len(times) < spec["repeats"] or (sum(times) < spec["min_time"] and len(times) < MAX_REPEATS):
@@ -112,36 +95,91 @@ def measure(spec: dict) -> dict:
     res.update(time_s=t_med, time_min_s=min(times), time_max_s=max(times), times_s=times, repeats=len(times),
                cpu_time_s=statistics.median(cpu_times), cpu_times_s=cpu_times,
                warmup=spec["warmup"], peak_mem_bytes=peak, peak_mem_mb=peak / 2**20, mem_method=meter.method)
-    for m in suite.metrics:
-        res[m.column] = m.rate(case, t_med)
-
+    res.update(rates(suite, case, t_med))
     if spec["check"] and prov.checked:
         try:
-            ans, info = suite.answer(prov, inputs, case, fn, out)
-            res.update(info)
-            own = ans if spec["provider"] == suite.reference_provider else None
-            ref = reference(suite, spec, case, inputs, own)
-            if ref is not None:
-                res.update(suite.compare(inputs, case, ans, ref))
+            cache = ReferenceCache(Path(spec["ref_cache"]) if spec.get("ref_cache") else None)
+            res.update(check(suite, prov, case, inputs, fn, out, device, spec["seed"], cache))
         except Exception as e:  # noqa: BLE001
             res["reason"] = f"correctness check failed: {type(e).__name__}: {e}"[:500]
     return res
 
 
-def reference(suite, spec, case, inputs, own):
-    """The reference answer for these inputs: computed once per input, cached on disk for the others."""
-    import torch
+# --- the steps of a measurement, which the pytest-benchmark modules (:mod:`.pytest_bench`) take too --------
 
-    path = None
-    if spec.get("ref_cache"):
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def prepare(suite, prov, case: Case, device: str, seed: int):
+    """(inputs, fn): the provider run once on the suite's tiny warm-up case (loads lazy libraries, starts the
+    thread pools), then the real inputs made and the timed callable built."""
+    tiny = suite.warmup_case(case)
+    if tiny != case:
+        prov.build(suite.make_inputs(tiny, device, seed + 1), tiny)()
+        synchronize(device)
+    inputs = suite.make_inputs(case, device, seed)
+    return inputs, prov.build(inputs, case)
+
+
+def rates(suite, case: Case, seconds: float) -> dict:
+    """The suite's metric columns for a call of ``case`` that took ``seconds``."""
+    return {m.column: m.rate(case, seconds) for m in suite.metrics}
+
+
+class ReferenceCache:
+    """The reference answers of a run, per (suite, case, device, seed): computed once per input and shared by
+    every provider of that case -- on disk in ``folder`` (the measurement processes of one run share it), or in
+    this process's memory when ``folder`` is None."""
+
+    _memory: dict = {}
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+
+    def _key(self, suite, case, device, seed) -> str:
         tag = "".join(ch if ch.isalnum() else "-" for ch in suite.case_label(case))
-        path = Path(spec["ref_cache"]) / f"{spec['op']}-{tag}-{spec['device']}-s{spec['seed']}.pt"
-        if own is None and path.exists():
-            return torch.load(path, map_location=spec["device"] if spec["device"] != "cuda" else "cuda")
-    ref = own if own is not None else suite.reference(inputs, case)
-    if path is not None and ref is not None:
-        torch.save(_to_cpu(ref), path)
-    return ref
+        return f"{suite.op}-{tag}-{device}-s{seed}"
+
+    def get(self, suite, case, device, seed):
+        key = self._key(suite, case, device, seed)
+        if self.folder is None:
+            return self._memory.get(key)
+        import torch
+
+        path = self.folder / f"{key}.pt"
+        return torch.load(path, map_location=device) if path.exists() else None
+
+    def put(self, suite, case, device, seed, ref) -> None:
+        key = self._key(suite, case, device, seed)
+        if self.folder is None:
+            self._memory[key] = ref
+            return
+        import torch
+
+        torch.save(_to_cpu(ref), self.folder / f"{key}.pt")
+
+
+def check(suite, prov, case: Case, inputs, fn, out, device: str, seed: int, cache: ReferenceCache) -> dict:
+    """The suite's check columns (and the extra columns of its ``answer``) for the provider's last answer
+    ``out``. The reference is the reference provider's own answer when it is the one checked, else the cached
+    one, else the suite's ``reference`` (then cached)."""
+    ans, info = suite.answer(prov, inputs, case, fn, out)
+    if prov.name == suite.reference_provider:
+        ref = ans
+    else:
+        ref = cache.get(suite, case, device, seed)
+        if ref is None:
+            ref = suite.reference(inputs, case)
+    if ref is not None:
+        cache.put(suite, case, device, seed, ref)
+        info = {**info, **suite.compare(inputs, case, ans, ref)}
+    return info
+
+
 
 
 def _to_cpu(x):

@@ -38,8 +38,8 @@ from typing import NamedTuple
 
 import torch
 
-from .nearest_code import device_reasons, interpreter_reasons
-from .protocol import Case, Metric, NamedSize, Provider, Suite
+from ..harness.common import device_reasons, importable_reasons, interpreter_reasons
+from ..harness.protocol import Case, Metric, NamedSize, Provider, Suite
 
 OP = "attention"
 
@@ -196,7 +196,7 @@ def _write_last(k_cache, v_cache, k_new, v_new):
 
 def _ours_build(backend: str):
     def build(inp: Inputs, case: Case):
-        from ..ops.attention import attention, attention_with_kv_cache
+        from vqkernels.ops.attention import attention, attention_with_kv_cache
 
         if case.mode == "decode":
             def step(q, kc, vc, kn, vn, seqlens):
@@ -218,13 +218,13 @@ def _ours_reasons(backend: str):
         if r:
             return r
         try:
-            from ..ops import attention as ops
+            from vqkernels.ops import attention as ops
         except ImportError as e:
             return [f"vqkernels.ops.attention is not importable ({type(e).__name__}: {e})"]
         fn = ops.attention_with_kv_cache if case.mode == "decode" else ops.attention
         # Ask the op itself, on tiny inputs of the case's dtype, device and head dim: the public wrapper selects
         # the backend before it computes, and says why it cannot.
-        from .._backend import BackendNotSupported
+        from vqkernels._backend import BackendNotSupported
 
         B, H, T, Dh = case.size
         x = torch.zeros(1, 1, 2, Dh, dtype=DTYPES[case.dtype], device=device)
@@ -281,10 +281,9 @@ def _sdpa_reasons(name: str):
 # --- flash-attn ------------------------------------------------------------------------------
 
 def _flash_reasons(case: Case, device: str):
-    try:
-        import flash_attn  # noqa: F401
-    except Exception as e:  # noqa: BLE001
-        return [f"flash_attn is not importable ({type(e).__name__}: {e})"]
+    r = importable_reasons("flash_attn")
+    if r:
+        return r
     if device != "cuda":
         return ["flash-attn runs on CUDA only"]
     if case.dtype not in ("bf16", "fp16"):
