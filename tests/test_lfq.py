@@ -333,3 +333,13 @@ def test_module_large_codebook_without_n_by_k():
     q, idx, aux = m(x)
     aux.backward()
     assert torch.isfinite(aux) and torch.isfinite(x.grad).all() and int(idx.max()) < 2**20
+
+
+def test_cpu_row_blocks_float64():
+    """Enough rows for several of the C++ kernel's row blocks (2048 rows at d = 20): float64 against the reference."""
+    x = randn(4500, 1, 20, seed=2, dtype=torch.float64) * 0.05
+    require("lfq_entropy", "cpu", x=x)
+    want = run(x, 9.0, 1e-5, "torch")
+    got = run(x, 9.0, 1e-5, "cpu")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-13)

@@ -34,7 +34,7 @@ The math (vector-quantize-pytorch 1.32's ``LFQ``, checked against its source):
     costs one GEMM (see benchmarks/suites/lfq.py for the numbers), so it is unnecessary.
 
 Backends: ``torch`` (reference.py, chunked), ``cpu`` (C++ csrc/cpu/lfq_entropy.cpp: fused tables +
-torch's BLAS), ``triton`` and ``cuda`` where built.
+torch's BLAS; float32 and float64), ``triton`` and ``cuda`` where built.
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ _C_KERNELS = ("lfq_entropy_fwd", "lfq_entropy_bwd")
 _backend.declare(
     OP, primary="x", probe=_probe,
     torch=_backend.Capability(dtypes=REFERENCE_DTYPES),
-    cpu=_backend.Capability(devices=("cpu",), dtypes=KERNEL_DTYPES, needs="_C.cpu", kernels=_C_KERNELS),
+    cpu=_backend.Capability(devices=("cpu",), dtypes=REFERENCE_DTYPES, needs="_C.cpu", kernels=_C_KERNELS),
     triton=_backend.Capability(dtypes=KERNEL_DTYPES, needs="triton"),
     cuda=_backend.Capability(devices=("cuda",), dtypes=KERNEL_DTYPES, needs="_C.cuda", kernels=_C_KERNELS),
 )
@@ -159,7 +159,7 @@ def lfq_entropy(x: torch.Tensor, *, scale: float, eps: float = 1e-5, backend: st
 
     Args:
         x: (..., C, d): C codebooks of d bits each (d in [1, 30]); float32, float16 or bfloat16 (float64 on the
-            ``torch`` backend). The leading dimensions are the N samples.
+            ``torch`` and ``cpu`` backends). The leading dimensions are the N samples.
         scale: the logit of each bit is ``scale * x``; vector-quantize-pytorch's LFQ is
             ``scale = 4 * inv_temperature * codebook_scale``. Finite, > 0.
         eps: the clamp in the codebook entropy ``-sum_k pbar_k log max(pbar_k, eps)`` (VQP's 1e-5; 0: exact).
