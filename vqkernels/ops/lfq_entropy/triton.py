@@ -255,7 +255,7 @@ class _null:
 
 # Bit counts the sm_90 compile test builds the kernels at (D is a compile-time constant: each d is its own
 # compile; these cover the padded tiles (d < 8), odd splits, and the sizes tokenizers use).
-SM90_CHECK_D = (1, 5, 10, 16, 17, 18, 24)
+SM90_CHECK_D = (5, 16, 18)
 
 
 def shipped_configs() -> list[tuple[str, dict, int]]:
