@@ -101,3 +101,13 @@ TORCH_LIBRARY_FRAGMENT(vqkernels_C, m) {
   m.def("residual_vq_bwd(Tensor grad_quantized, Tensor grad_sq_err, Tensor x, Tensor codebooks, Tensor indices, "
         "bool rotation) -> Tensor");
 }
+
+// lfq_entropy (csrc/cpu/lfq_entropy.cpp, csrc/cuda/lfq_entropy.cpp; math in vqkernels/ops/lfq_entropy). x (N, C, d)
+// float32 (float64 on the CPU), C codebooks of d bits (1 <= d <= 30); bit logits scale * x. Forward: (per_sample 0-d,
+// codebook 0-d, pbar (C, 2^d): each codebook's batch-mean code distribution), the codebook entropy with VQP's
+// clamp -sum pbar log max(pbar, eps). Backward: grad_x (N, C, d) from the two scalars' upstream gradients and pbar.
+TORCH_LIBRARY_FRAGMENT(vqkernels_C, m) {
+  m.def("lfq_entropy_fwd(Tensor x, float scale, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("lfq_entropy_bwd(Tensor grad_per_sample, Tensor grad_codebook, Tensor x, Tensor pbar, float scale, "
+        "float eps) -> Tensor");
+}
