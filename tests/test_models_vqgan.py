@@ -218,7 +218,7 @@ def test_checkpoint_mismatch_lists_keys_and_shapes(taming):
 def test_config_errors():
     with pytest.raises(ValueError, match=r"\['attn_res'\] are not taming's"):
         VQGANConfig.from_taming({"embed_dim": 64, "n_embed": 512, "ddconfig": dict(SMALL_DD, attn_res=[16])})
-    with pytest.raises(ValueError, match="unknown field"):
+    with pytest.raises(ValueError, match="unknown key"):
         VQGANConfig.from_dict(dict(SMALL_DD, n_embed=512, embed_dim=64, heads=4))
     with pytest.raises(NotImplementedError, match="GumbelQuantize|GumbelVQ"):
         VQGANConfig.from_taming({"model": {"target": "taming.models.vqgan.GumbelVQ",

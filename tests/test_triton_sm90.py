@@ -291,3 +291,35 @@ def test_attention_half_precision_uses_wgmma(attention_sm90_report):
             if r["name"].split()[0] in ("fwd", "bwd_dkdv", "bwd_dq") and "float32" not in r["name"]
             and ("Dh=64 " in r["name"] or "Dh=128" in r["name"]) and not r["wgmma"]]
     assert not slow, "no wgmma in: " + ", ".join(slow)
+
+
+# ---------------------------------------------------------------------------------------------
+# The index-range check of the Triton vq_loss / code_stats launchers on CUDA tensors (ops/_triton_index.py): a
+# device-side assert, which Triton compiles in only in debug mode (the kernel is jitted with debug=True, which the
+# runtime passes as this option). The interpreter never evaluates device_assert, so this is where it is checked.
+
+_ASSERT_CHILD = _CHILD_SETUP + textwrap.dedent(r'''
+    from vqkernels.ops import _triton_index as I
+    fn = I._index_range_assert_kernel
+    assert fn.debug, "the assert kernel must be jitted with debug=True, or its device_assert compiles to nothing"
+    sig = {"idx_ptr": "*i64", "N": "i32", "K": "i32", "BLOCK": "constexpr"}
+    for debug in (True, False):
+        k = triton.compile(triton.compiler.ASTSource(fn, signature=sig, constexprs={"BLOCK": I.BLOCK},
+                                                     attrs={(0,): [["tt.divisibility", 16]]}),
+                           target=target, options={"num_warps": 4, "debug": debug})
+        print(json.dumps({"debug": debug, "assert": "__assertfail" in k.asm["ptx"]}), flush=True)
+''')
+
+
+def test_index_range_assert_compiles_for_sm90_with_its_assert():
+    cuobjdump, reason = _nvidia_tools()
+    if reason:
+        pytest.skip(reason)
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    r = subprocess.run([sys.executable, "-c", _ASSERT_CHILD, cuobjdump, "0", "1"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    rows = {row["debug"]: row["assert"] for row in map(json.loads, filter(None, r.stdout.splitlines()))}
+    assert rows == {True: True, False: False}, rows  # the assert is there exactly when debug is on

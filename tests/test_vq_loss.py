@@ -551,6 +551,19 @@ def test_indices_out_of_range_raise_on_every_backend(backend, bad, monkeypatch):
             vl._vq_loss_backward_op(z, torch.tensor(1.0, device=dev), z, cb, idx, 1.0, 0.25, True, True, backend)
 
 
+def test_triton_index_check_on_cpu_tensors_raises_without_the_sync_switch(monkeypatch):
+    # The Triton launchers check CUDA tensors on the device (a device-side assert, no host sync; tests/test_gpu_only.py
+    # and tests/test_triton_sm90.py); CPU tensors (the interpreter) get the IndexError whatever the switch says.
+    monkeypatch.delenv("VQKERNELS_SYNC_INDEX_CHECK", raising=False)
+    z, cb, idx, _ = inputs(40, 5, 8, torch.float32, "cpu", seed=2, grad=False)
+    require_loss("triton", z, cb, idx)
+    idx[3] = 5
+    for call in (lambda: vq_loss(z, cb, idx, backend="triton"), lambda: code_stats(z, idx, 5, backend="triton"),
+                 lambda: code_usage(idx, 5, backend="triton")):
+        with pytest.raises(IndexError, match="indices out of range: got index 5, .*K=5"):
+            call()
+
+
 def test_named_backend_that_cannot_run_raises_with_reasons():
     z, cb, idx, _ = inputs(4, 3, 8, torch.float64, "cpu", seed=0, grad=False)
     with pytest.raises(BackendNotSupported, match="float64"):

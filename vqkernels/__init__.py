@@ -9,16 +9,17 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from ._backend import BACKENDS, BackendNotSupported, use_backend
-from .nn import CausalSelfAttention, KVCache, VectorQuantize, VectorQuantizer
+from .nn import FSQ, LFQ, CausalSelfAttention, KVCache, ResidualVQ, VectorQuantize, VectorQuantizer
 from .ops.attention import attention, attention_with_kv_cache, causal_attention
 from .ops.nearest_code import nearest_code
 from .ops.code_stats import code_stats, code_usage, ema_update_, ema_update_from_stats_
 from .ops.vq_loss import vector_quantize, vq_loss
+from .ops.lfq_entropy import lfq_entropy
 
 __all__ = [
     "BACKENDS", "BackendNotSupported", "use_backend", "info", "__version__",
     "nearest_code", "vq_loss", "vector_quantize", "ema_update_", "ema_update_from_stats_", "code_stats",
-    "code_usage", "VectorQuantizer", "VectorQuantize",
+    "code_usage", "lfq_entropy", "VectorQuantizer", "VectorQuantize", "ResidualVQ", "FSQ", "LFQ",
     "attention", "causal_attention", "attention_with_kv_cache", "CausalSelfAttention", "KVCache",
 ]
 

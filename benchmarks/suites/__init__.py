@@ -22,7 +22,7 @@ from __future__ import annotations
 import importlib
 
 # Every suite, in the order `--ops all` runs them: the name is the suite's module here and its SUITE's op.
-SUITES = ("nearest_code", "quantizer", "attention", "vqgan", "gpt", "linear")
+SUITES = ("nearest_code", "quantizer", "attention", "vqgan", "gpt", "linear", "residual_vq", "lfq")
 # What the runner runs without --ops: the kernel suites, minutes on 2 cores. `--ops all` adds the others (a CPU
 # run of the models' suites takes tens of minutes: taming's sampler recomputes the prefix).
 DEFAULT_SUITES = ("nearest_code", "quantizer")

@@ -36,7 +36,7 @@
 
 #include "common.h"
 #include "search.h"
-#include "exp_avx512.h"
+#include "simd_avx512.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>

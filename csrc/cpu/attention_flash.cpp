@@ -52,7 +52,7 @@
 #endif
 
 #include "runtime.h"
-#include "exp_avx512.h"
+#include "simd_avx512.h"
 
 namespace vqkernels {
 namespace {
@@ -144,28 +144,13 @@ void gemm_rm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, con
 // Row passes. Each has an AVX-512 version and a portable one of the same arithmetic order where it matters.
 
 namespace portable {
-inline float row_max(const float* x, int64_t n) {
-  float m = kNegInf;
-  for (int64_t i = 0; i < n; ++i) m = std::max(m, x[i]);
-  return m;
-}
-// x[i] = exp(x[i] - c); returns the sum.
-inline float exp_sub_sum(float* x, float c, int64_t n) {
-  float s = 0.f;
-  for (int64_t i = 0; i < n; ++i) s += (x[i] = std::exp(x[i] - c));
-  return s;
-}
+using cpu::portable::dot;
+using cpu::portable::exp_sub_sum;  // x[i] = exp(x[i] - c); returns the sum
+using cpu::portable::row_max;
+using cpu::portable::scale_row;
 // d[i] = p[i] * (d[i] - delta)
 inline void ds_row(const float* p, float* d, float delta, int64_t n) {
   for (int64_t i = 0; i < n; ++i) d[i] = p[i] * (d[i] - delta);
-}
-inline void scale_row(float* x, float a, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) x[i] *= a;
-}
-inline float dot(const float* a, const float* b, int64_t n) {
-  float s = 0.f;
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
 }
 // y[i] = x[i] rounded to bfloat16 (to nearest even)
 inline void to_bf16(const float* x, c10::BFloat16* y, int64_t n) {
@@ -177,63 +162,25 @@ inline void to_bf16(const float* x, c10::BFloat16* y, int64_t n) {
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
 namespace avx512 {
-inline __mmask16 tail(int64_t r) { return r >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << r) - 1u); }
+using cpu::avx512::dot;
+using cpu::avx512::exp_sub_sum;
+using cpu::avx512::row_max;
+using cpu::avx512::scale_row;
+using cpu::avx512::tail_mask;
 
-inline __m512 exp_ps(__m512 x) { return cpu::exp_ps_avx512(x); }  // (exp_avx512.h)
-
-inline float row_max(const float* x, int64_t n) {
-  __m512 m = _mm512_set1_ps(kNegInf);
-  for (int64_t i = 0; i < n; i += 16) m = _mm512_max_ps(m, _mm512_mask_loadu_ps(_mm512_set1_ps(kNegInf), tail(n - i), x + i));
-  return _mm512_reduce_max_ps(m);
-}
-inline float exp_sub_sum(float* x, float c, int64_t n) {
-  const __m512 vc = _mm512_set1_ps(c);
-  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
-  int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    const __m512 e0 = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), vc));
-    const __m512 e1 = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i + 16), vc));
-    _mm512_storeu_ps(x + i, e0);
-    _mm512_storeu_ps(x + i + 16, e1);
-    s0 = _mm512_add_ps(s0, e0);
-    s1 = _mm512_add_ps(s1, e1);
-  }
-  for (; i < n; i += 16) {
-    const __mmask16 k = tail(n - i);
-    const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + i), vc));
-    _mm512_mask_storeu_ps(x + i, k, e);
-    s0 = _mm512_add_ps(s0, _mm512_maskz_mov_ps(k, e));
-  }
-  return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
-}
 inline void ds_row(const float* p, float* d, float delta, int64_t n) {
   const __m512 vd = _mm512_set1_ps(delta);
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 k = tail(n - i);
+    const __mmask16 k = tail_mask(n - i);
     _mm512_mask_storeu_ps(d + i, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, p + i),
                                                   _mm512_sub_ps(_mm512_maskz_loadu_ps(k, d + i), vd)));
   }
-}
-inline void scale_row(float* x, float a, int64_t n) {
-  const __m512 va = _mm512_set1_ps(a);
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 k = tail(n - i);
-    _mm512_mask_storeu_ps(x + i, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, x + i), va));
-  }
-}
-inline float dot(const float* a, const float* b, int64_t n) {
-  __m512 s = _mm512_setzero_ps();
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 k = tail(n - i);
-    s = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, a + i), _mm512_maskz_loadu_ps(k, b + i), s);
-  }
-  return _mm512_reduce_add_ps(s);
 }
 inline void to_bf16(const float* x, c10::BFloat16* y, int64_t n) {
   // round to nearest even on the bits (P and dS are finite), keep the high half
   const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7FFF);
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 k = tail(n - i);
+    const __mmask16 k = tail_mask(n - i);
     const __m512i b = _mm512_castps_si512(_mm512_maskz_loadu_ps(k, x + i));
     const __m512i r = _mm512_add_epi32(bias, _mm512_and_si512(_mm512_srli_epi32(b, 16), one));
     const __m256i h = _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(b, r), 16));

@@ -8,22 +8,14 @@
 // head. Keys are walked in blocks of kKeyBlock with an online softmax (running max m, sum l, fp32 acc).
 
 // ---- fp32 primitives ------------------------------------------------------------------------------
+// dot, row_max, exp_sub_sum, scale_row (and exp_ps, tail_mask) are the shared ones of simd_avx512.h.
 #if VQK_ATTN_AVX512
-inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1u); }
-
-inline float dot(const float* a, const float* b, int64_t n) {
-  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
-  int64_t d = 0;
-  for (; d + 32 <= n; d += 32) {
-    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), s0);
-    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + d + 16), _mm512_loadu_ps(b + d + 16), s1);
-  }
-  for (; d < n; d += 16) {
-    const __mmask16 m = tail_mask(n - d);
-    s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + d), _mm512_maskz_loadu_ps(m, b + d), s0);
-  }
-  return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
-}
+using ::vqkernels::cpu::avx512::dot;
+using ::vqkernels::cpu::avx512::exp_ps;
+using ::vqkernels::cpu::avx512::exp_sub_sum;
+using ::vqkernels::cpu::avx512::row_max;
+using ::vqkernels::cpu::avx512::scale_row;
+using ::vqkernels::cpu::avx512::tail_mask;
 
 inline void axpy(float* y, float a, const float* x, int64_t n) {  // y += a x
   const __m512 va = _mm512_set1_ps(a);
@@ -31,38 +23,6 @@ inline void axpy(float* y, float a, const float* x, int64_t n) {  // y += a x
     const __mmask16 m = tail_mask(n - d);
     _mm512_mask_storeu_ps(y + d, m, _mm512_fmadd_ps(va, _mm512_maskz_loadu_ps(m, x + d), _mm512_maskz_loadu_ps(m, y + d)));
   }
-}
-
-inline void scal(float* y, float a, int64_t n) {
-  const __m512 va = _mm512_set1_ps(a);
-  for (int64_t d = 0; d < n; d += 16) {
-    const __mmask16 m = tail_mask(n - d);
-    _mm512_mask_storeu_ps(y + d, m, _mm512_mul_ps(va, _mm512_maskz_loadu_ps(m, y + d)));
-  }
-}
-
-inline __m512 exp_ps(__m512 x) { return ::vqkernels::cpu::exp_ps_avx512(x); }  // (exp_avx512.h)
-
-// x[i] = exp(x[i] - m) for i < n; returns their sum.
-inline float exp_shift_sum(float* x, float m, int64_t n) {
-  const __m512 vm = _mm512_set1_ps(m);
-  __m512 s = _mm512_setzero_ps();
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 k = tail_mask(n - i);
-    const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + i), vm));
-    _mm512_mask_storeu_ps(x + i, k, e);
-    s = _mm512_add_ps(s, _mm512_maskz_mov_ps(k, e));
-  }
-  return _mm512_reduce_add_ps(s);
-}
-
-inline float max_of(const float* x, int64_t n) {
-  __m512 m = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 k = tail_mask(n - i);
-    m = _mm512_mask_max_ps(m, k, m, _mm512_maskz_loadu_ps(k, x + i));
-  }
-  return _mm512_reduce_max_ps(m);
 }
 
 // Widen n elements to fp32.
@@ -81,26 +41,13 @@ inline void to_float(const c10::Half* src, float* dst, int64_t n) {
   }
 }
 #else
-inline float dot(const float* a, const float* b, int64_t n) {
-  float s = 0.f;
-  for (int64_t d = 0; d < n; ++d) s += a[d] * b[d];
-  return s;
-}
+using ::vqkernels::cpu::portable::dot;
+using ::vqkernels::cpu::portable::exp_sub_sum;
+using ::vqkernels::cpu::portable::row_max;
+using ::vqkernels::cpu::portable::scale_row;
+
 inline void axpy(float* y, float a, const float* x, int64_t n) {
   for (int64_t d = 0; d < n; ++d) y[d] += a * x[d];
-}
-inline void scal(float* y, float a, int64_t n) {
-  for (int64_t d = 0; d < n; ++d) y[d] *= a;
-}
-inline float exp_shift_sum(float* x, float m, int64_t n) {
-  float s = 0.f;
-  for (int64_t i = 0; i < n; ++i) s += (x[i] = std::exp(x[i] - m));
-  return s;
-}
-inline float max_of(const float* x, int64_t n) {
-  float m = -std::numeric_limits<float>::infinity();
-  for (int64_t i = 0; i < n; ++i) m = std::max(m, x[i]);
-  return m;
 }
 template <typename T>
 inline void to_float(const T* src, float* dst, int64_t n) {
@@ -124,7 +71,7 @@ void decode_task(const DecodeArgs<T>& a, int64_t b, int64_t hk, int64_t t0, int6
     for (int64_t t = t0; t < t1; ++t) {
       float* qr = s.q.data() + (g * nt + t - t0) * Dh;
       to_float(a.q + b * a.sqb + (hk * G + g) * a.sqh + t * a.sqt, qr, Dh);
-      scal(qr, a.scale, Dh);
+      scale_row(qr, a.scale, Dh);
     }
   for (int64_t r = 0; r < R; ++r) {
     m[r] = -std::numeric_limits<float>::infinity();
@@ -171,14 +118,14 @@ void decode_task(const DecodeArgs<T>& a, int64_t b, int64_t hk, int64_t t0, int6
     for (int64_t r = 0; r < R; ++r) {
       if (nvis[r] == 0) continue;
       float* sr = sc + r * kKeyBlock;
-      const float mnew = std::max(m[r], max_of(sr, nvis[r]));
+      const float mnew = std::max(m[r], row_max(sr, nvis[r]));
       if (mnew != m[r] && l[r] > 0.f) {
         const float c = std::exp(m[r] - mnew);
         l[r] *= c;
-        scal(acc + r * Dh, c, Dh);
+        scale_row(acc + r * Dh, c, Dh);
       }
       m[r] = mnew;
-      l[r] += exp_shift_sum(sr, mnew, nvis[r]);
+      l[r] += exp_sub_sum(sr, mnew, nvis[r]);
     }
     for (int64_t jj = 0; jj < nmax; ++jj)
       for (int64_t r = 0; r < R; ++r)

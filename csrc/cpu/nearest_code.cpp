@@ -78,6 +78,7 @@
 #include "common.h"
 #include "cpu/runtime.h"
 #include "search.h"
+#include "simd_avx512.h"
 
 namespace vqkernels {
 namespace {
@@ -206,21 +207,9 @@ VQK_AVX512 float sqnorm_bf16(const c10::BFloat16* p, int64_t D) {
   return hsum16(a0);
 }
 
-// <x, c> in fp32, one fixed order (two 16-lane FMA chains over d, a masked tail, a tree reduction):
+// <x, c> in fp32, one fixed order (simd_avx512.h's dot: two 16-lane FMA chains, a masked tail, a tree reduction):
 // the exact score of the screened path (rescore_rows), the same bits wherever it is called.
-VQK_AVX512 float dot_exact(const float* x, const float* c, int64_t D) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-  int64_t d = 0;
-  for (; d + 32 <= D; d += 32) {
-    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + d), _mm512_loadu_ps(c + d), a0);
-    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + d + 16), _mm512_loadu_ps(c + d + 16), a1);
-  }
-  for (; d < D; d += 16) {
-    const __mmask16 m = (D - d) >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - d)) - 1u);
-    a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x + d), _mm512_maskz_loadu_ps(m, c + d), a0);
-  }
-  return hsum16(_mm512_add_ps(a0, a1));
-}
+VQK_AVX512 float dot_exact(const float* x, const float* c, int64_t D) { return cpu::avx512::dot(x, c, D); }
 
 // A code's exact fp32 score, as every screen's rescoring computes it.
 VQK_AVX512 float exact_score(const float* x, const float* c, int64_t D, float alpha, float bias) {

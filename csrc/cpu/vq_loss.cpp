@@ -1,19 +1,18 @@
-// The VQ loss on the CPU: fused gather + loss, fused backward, per-code statistics, code usage.
+// The VQ loss on the CPU: fused gather + loss, fused backward. (The per-code statistics, code_stats and
+// code_usage, are in code_stats.cpp; what both files share is in vq_rows.h.)
 //
 // Functions computed (the spec is vqkernels/ops/vq_loss/reference.py), z (N, D), codebook (K, D),
 // idx int64 (N,) in [0, K):
 //   vq_loss_fwd: z_q[n] = codebook[idx[n]];  loss = scale * sum_{n,d} (z_q - z)^2
 //   vq_loss_bwd: grad_z[n] = grad_zq[n] + c_z (z[n] - z_q[n]),  c_z = 2 w_commit grad_loss / (N D)
 //                grad_cb[k] = c_cb sum_{n: idx[n]=k} (z_q[n] - z[n]), c_cb = 2 w_codebook grad_loss / (N D)
-//   code_stats:  counts[k] = #{n: idx[n]=k}, sums[k] = sum_{n: idx[n]=k} z[n]
-//   code_usage:  counts[k] (int64), perplexity = exp(-sum_k p_k log(p_k + 1e-10)), p = counts / max(N, 1)
 // float16/bfloat16 values are widened to float32; every sum runs in float32 (float64 for float64
 // input, which only the tests use) and is rounded to the output dtype once.
 //
 // DETERMINISM. Every result is bit-identical from run to run and for any thread count:
 //  - the loss is summed per fixed block of kRowBlock rows (16 float lanes per row, combined in a fixed
 //    order), the block partials in double, and the partials added in block order;
-//  - the scatter-adds (codebook gradient, per-code sums) are an OWNER-COMPUTES ordered reduction:
+//  - the scatter-adds (codebook gradient; code_stats.cpp's per-code sums) are an OWNER-COMPUTES ordered reduction:
 //    the codes are split into contiguous ranges (balanced by how many rows chose them), one task per
 //    range; every task scans all rows in ascending order and adds only the rows whose code it owns.
 //    So each code's rows are summed in ascending row order by exactly one task, whatever the number
@@ -38,124 +37,18 @@
 #include "common.h"
 #include "search.h"
 #include "simd_tile.h"
+#include "vq_rows.h"
 
 namespace vqkernels {
 namespace {
 
 constexpr int64_t kRowBlock = 256;    // rows per loss partial: fixed, so the sum order is too
 constexpr int64_t kLanes = 16;        // independent float accumulators per row (one AVX-512 register)
-constexpr int64_t kGrainElems = 1 << 15;  // elements of work per parallel task, at least
 
-template <typename T>
-inline float to_f(T v) { return static_cast<float>(v); }
-inline double to_f(double v) { return v; }
-
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-
-void check_common(const at::Tensor& z, const at::Tensor& indices, const char* op) {
-  check_vq_rows(z, indices, op, "cpu");
-}
-
-// Typed rows of a (N, D) or (B, T, D) tensor: a base pointer over the shared StridedRows view (common.h).
-// (The element type is E: T is StridedRows' row count.)
-template <typename E>
-struct Rows : StridedRows {
-  E* base;
-  Rows(const at::Tensor& x, E* ptr) : StridedRows(StridedRows::of(x)), base(ptr) {}
-  E* row(int64_t n) const { return base + offset(n); }
-};
-
-// Rows are processed in tiles of kTile. A strided layout (sd != 1, e.g. channel-first, where one
-// row's elements lie H*W apart, 4 KiB for a 32x32 map: every element of a row in the same L1 set)
-// is transposed tile by tile through a small buffer: for each d the kTile rows' elements are
-// neighbours in memory. Contiguous rows are used in place.
-constexpr int64_t kTile = 16;
-
-template <typename T>
-struct TileIn {
-  std::vector<T> buf;
-  const T* ptr[kTile];
-  void read(const Rows<const T>& x, int64_t n0, int64_t nr, int64_t D) {
-    if (x.sd == 1) {
-      for (int64_t r = 0; r < nr; ++r) ptr[r] = x.row(n0 + r);
-      return;
-    }
-    buf.resize(kTile * D);
-    const T* src[kTile];
-    for (int64_t r = 0; r < nr; ++r) src[r] = x.row(n0 + r);
-    for (int64_t d = 0; d < D; ++d)
-      for (int64_t r = 0; r < nr; ++r) buf[r * D + d] = src[r][d * x.sd];
-    for (int64_t r = 0; r < nr; ++r) ptr[r] = buf.data() + r * D;
-  }
-};
-
-template <typename T>
-struct TileOut {
-  std::vector<T> buf;
-  T* ptr[kTile];
-  T* dst[kTile];
-  void open(const Rows<T>& y, int64_t n0, int64_t nr, int64_t D) {
-    if (y.sd == 1) {
-      for (int64_t r = 0; r < nr; ++r) ptr[r] = y.row(n0 + r);
-      return;
-    }
-    buf.resize(kTile * D);
-    for (int64_t r = 0; r < nr; ++r) {
-      ptr[r] = buf.data() + r * D;
-      dst[r] = y.row(n0 + r);
-    }
-  }
-  void flush(const Rows<T>& y, int64_t nr, int64_t D) {
-    if (y.sd == 1) return;
-    for (int64_t d = 0; d < D; ++d)
-      for (int64_t r = 0; r < nr; ++r) dst[r][d * y.sd] = ptr[r][d];
-  }
-};
+using namespace vq_rows;
 
 void check_codebook(const at::Tensor& z, const at::Tensor& codebook, const char* op) {
   check_vq_codebook(z, codebook, op, "cpu");
-}
-
-[[noreturn]] void index_error(int64_t bad, int64_t K) {
-  TORCH_CHECK_INDEX(false, "indices out of range: got index ", bad, ", codes are numbered 0..", K - 1,
-                    " (K=", K, ")");
-  std::abort();  // unreachable
-}
-
-// Counts rows per code and validates every index (IndexError on the first bad one, in row order).
-std::vector<int64_t> count_rows(const int64_t* idx, int64_t N, int64_t K) {
-  std::vector<int64_t> counts(K, 0);
-  for (int64_t n = 0; n < N; ++n) {
-    const int64_t k = idx[n];
-    if (k < 0 || k >= K) index_error(k, K);
-    ++counts[k];
-  }
-  return counts;
-}
-
-// Boundaries of `tasks` contiguous code ranges holding about equal numbers of rows (plus a little
-// weight per code, for the per-code work). Results never depend on these boundaries: see the top.
-std::vector<int64_t> code_ranges(const std::vector<int64_t>& counts, int64_t N, int64_t D) {
-  const int64_t K = int64_t(counts.size());
-  const double work = double(N) * double(std::max<int64_t>(D, 1));
-  int64_t tasks = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, int64_t(work / kGrainElems)));
-  tasks = std::max<int64_t>(1, std::min<int64_t>(tasks, K));
-  std::vector<int64_t> bounds(tasks + 1, K);
-  bounds[0] = 0;
-  const double total = double(N) + double(K);  // one unit per row and per code
-  double acc = 0.0;
-  int64_t t = 1;
-  for (int64_t k = 0; k < K && t < tasks; ++k) {
-    acc += double(counts[k]) + 1.0;
-    if (acc >= total * double(t) / double(tasks)) bounds[t++] = k + 1;
-  }
-  for (; t < tasks; ++t) bounds[t] = K;
-  return bounds;
-}
-
-void poison(at::Tensor& t) {
-  if (poison_outputs()) t.fill_(std::numeric_limits<double>::quiet_NaN());
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -484,92 +377,10 @@ std::tuple<at::Tensor, at::Tensor> vq_loss_bwd_cpu(const at::Tensor& gzq, const 
   return {gz, gcb};
 }
 
-// ------------------------------------------------------------------------------------------------
-// Per-code statistics (EMA): counts and sums of the assigned vectors, sorted reduction.
-
-std::tuple<at::Tensor, at::Tensor> code_stats_cpu(const at::Tensor& z, const at::Tensor& indices_in,
-                                                   int64_t num_codes) {
-  check_common(z, indices_in, "code_stats");
-  check_num_codes(num_codes, "code_stats", "cpu");
-  const at::Tensor indices = indices_in.contiguous();
-  const int64_t N = rows_of(z), D = z.size(-1), K = num_codes;
-  const auto acc_dtype = z.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor counts = at::empty({K}, z.options().dtype(acc_dtype));
-  at::Tensor sums = at::empty({K, D}, z.options().dtype(acc_dtype));
-  poison(counts);
-  poison(sums);
-  const int64_t* ip = indices.const_data_ptr<int64_t>();
-  const std::vector<int64_t> rows = count_rows(ip, N, K);
-  const std::vector<int64_t> bounds = code_ranges(rows, N, D);
-  const int64_t tasks = int64_t(bounds.size()) - 1;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "code_stats_cpu", [&] {
-    using acc_t = typename Acc<scalar_t>::type;
-    const Rows<const scalar_t> zr(z, z.const_data_ptr<scalar_t>());
-    acc_t* cnt = counts.data_ptr<acc_t>();
-    acc_t* sp = sums.data_ptr<acc_t>();
-    for (int64_t k = 0; k < K; ++k) cnt[k] = acc_t(rows[k]);
-    at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-      TileIn<scalar_t> zin;
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t k0 = bounds[t], nk = bounds[t + 1] - bounds[t];
-        auto owned = [&](int64_t k) { return static_cast<uint64_t>(k - k0) < static_cast<uint64_t>(nk); };
-        std::fill(sp + k0 * D, sp + (k0 + nk) * D, acc_t(0));
-        for (int64_t r0 = 0; r0 < N; r0 += kTile) {
-          const int64_t nr = std::min(kTile, N - r0);
-          bool any = false;
-          for (int64_t r = 0; r < nr; ++r) any |= owned(ip[r0 + r]);
-          if (!any) continue;
-          zin.read(zr, r0, nr, D);
-          for (int64_t r = 0; r < nr; ++r) {
-            const int64_t k = ip[r0 + r];
-            if (!owned(k)) continue;
-            const scalar_t* __restrict__ x = zin.ptr[r];
-            acc_t* __restrict__ o = sp + k * D;
-            for (int64_t d = 0; d < D; ++d) o[d] += to_f(x[d]);
-          }
-        }
-      }
-    });
-  });
-  return {counts, sums};
-}
-
-// ------------------------------------------------------------------------------------------------
-// Code usage: histogram (exact integers, so any summation order gives the same counts) + perplexity
-// (summed in double over k in order).
-
-std::tuple<at::Tensor, at::Tensor> code_usage_cpu(const at::Tensor& indices_in, int64_t num_codes) {
-  TORCH_CHECK(indices_in.device().is_cpu(), "cpu code_usage: indices must be a CPU tensor, got ",
-              indices_in.device());
-  TORCH_CHECK(indices_in.scalar_type() == at::kLong, "cpu code_usage: indices must be int64, got ",
-              indices_in.scalar_type());
-  check_num_codes(num_codes, "code_usage", "cpu");
-  const at::Tensor indices = indices_in.contiguous();
-  const int64_t N = indices.numel(), K = num_codes;
-  at::Tensor counts = at::zeros({K}, indices.options());
-  int64_t* cnt = counts.data_ptr<int64_t>();
-  const int64_t* ip = indices.data_ptr<int64_t>();
-  for (int64_t n = 0; n < N; ++n) {
-    const int64_t k = ip[n];
-    if (k < 0 || k >= K) index_error(k, K);
-    ++cnt[k];
-  }
-  const double total = double(std::max<int64_t>(N, 1));
-  double h = 0.0;
-  for (int64_t k = 0; k < K; ++k) {
-    const double p = double(cnt[k]) / total;
-    h += p * std::log(p + 1e-10);
-  }
-  at::Tensor perplexity = at::scalar_tensor(std::exp(-h), indices.options().dtype(at::kFloat));
-  return {counts, perplexity};
-}
-
 }  // namespace
 }  // namespace vqkernels
 
 TORCH_LIBRARY_IMPL(vqkernels_C, CPU, m) {
   m.impl("vq_loss_fwd", &vqkernels::vq_loss_fwd_cpu);
   m.impl("vq_loss_bwd", &vqkernels::vq_loss_bwd_cpu);
-  m.impl("code_stats", &vqkernels::code_stats_cpu);
-  m.impl("code_usage", &vqkernels::code_usage_cpu);
 }

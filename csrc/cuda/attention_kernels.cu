@@ -40,6 +40,7 @@
 #include <cstdint>
 
 #include "attention_params.h"
+#include "ptx.cuh"
 
 namespace vqkernels {
 namespace cuda {
@@ -49,77 +50,6 @@ namespace {
 constexpr float kInf = __builtin_huge_valf();
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
-
-template <typename T> __device__ __forceinline__ float to_float(T v);
-template <> __device__ __forceinline__ float to_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-
-// Two floats -> one 32-bit register of two 16-bit values, `lo` in the low half (the mma element order).
-template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
-template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
-  union { __half2 h; uint32_t u; } r;
-  r.h = __floats2half2_rn(lo, hi);
-  return r.u;
-}
-template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
-  union { __nv_bfloat162 h; uint32_t u; } r;
-  r.h = __floats2bfloat162_rn(lo, hi);
-  return r.u;
-}
-
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16 bytes global -> shared; src_bytes = 0 zero-fills the destination and reads nothing.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
-               "r"(valid ? 16 : 0)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(p))
-               : "memory");
-}
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(p))
-               : "memory");
-}
-
-// d += a (16 x 16, row) * b (16 x 8, col), fp32 accumulators.
-template <typename T> struct Mma;
-template <> struct Mma<__half> {
-  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
-template <> struct Mma<__nv_bfloat16> {
-  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-};
 
 // Keys [0, kend) are visible to at least one of the query rows [m0, m0 + rows) (the causal bound);
 // returns the number of key tiles of `bn` keys to visit (0 when no row sees a key).
@@ -174,7 +104,8 @@ __device__ __forceinline__ void tc_load_tile(T* s, const T* g, int64_t st, int64
     const int r = e / CH, c = e % CH;
     const int64_t gr = row0 + r;
     const bool ok = gr < nrows && c < dch;
-    cp_async16(s + r * SROW + c * 8, ok ? (const void*)(g + gr * st + c * 8) : (const void*)g, ok);
+    cp_async16(smem_u32(s + r * SROW + c * 8), ok ? (const void*)(g + gr * st + c * 8) : (const void*)g,
+               ok ? 16 : 0);
   }
 }
 
@@ -223,7 +154,7 @@ __global__ void __launch_bounds__(FwdCfg<D>::NW * 32, FwdCfg<D>::MINB) attn_fwd_
     cp_async_wait<1>();
     __syncthreads();
 #pragma unroll
-    for (int ks = 0; ks < (QREG ? KSTEPS : 1); ++ks) ldsm_x4(qf[ks], sQ + q_lane + ks * 16);
+    for (int ks = 0; ks < (QREG ? KSTEPS : 1); ++ks) ldmatrix_x4(qf[ks], sQ + q_lane + ks * 16);
   }
 
   float acc[NT_O][4];
@@ -258,12 +189,12 @@ __global__ void __launch_bounds__(FwdCfg<D>::NW * 32, FwdCfg<D>::MINB) attn_fwd_
         af[2] = qf[QREG ? ks : 0][2];
         af[3] = qf[QREG ? ks : 0][3];
       } else {
-        ldsm_x4(af, sQ + q_lane + ks * 16);
+        ldmatrix_x4(af, sQ + q_lane + ks * 16);
       }
 #pragma unroll
       for (int jn = 0; jn < NT_S / 2; ++jn) {
         uint32_t bf[4];
-        ldsm_x4(bf, ks_ + k_lane + jn * 16 * SROW + ks * 16);
+        ldmatrix_x4(bf, ks_ + k_lane + jn * 16 * SROW + ks * 16);
         Mma<T>::run(s[2 * jn], af, bf[0], bf[1]);
         Mma<T>::run(s[2 * jn + 1], af, bf[2], bf[3]);
       }
@@ -329,7 +260,7 @@ __global__ void __launch_bounds__(FwdCfg<D>::NW * 32, FwdCfg<D>::MINB) attn_fwd_
 #pragma unroll
       for (int dn = 0; dn < D / 16; ++dn) {
         uint32_t bf[4];
-        ldsm_x4_trans(bf, vs_ + v_lane + kk * 16 * SROW + dn * 16);
+        ldmatrix_x4_trans(bf, vs_ + v_lane + kk * 16 * SROW + dn * 16);
         Mma<T>::run(acc[2 * dn], pa, bf[0], bf[1]);
         Mma<T>::run(acc[2 * dn + 1], pa, bf[2], bf[3]);
       }
@@ -782,15 +713,15 @@ __global__ void __launch_bounds__(BwdCfg<D>::NW * 32, 1) attn_bwd_dkdv_tc_kernel
 #pragma unroll
     for (int ks = 0; ks < KSTEPS; ++ks) {
       uint32_t ka[4], va[4];
-      ldsm_x4(ka, sK + a_lane + ks * 16);
-      ldsm_x4(va, sV + a_lane + ks * 16);
+      ldmatrix_x4(ka, sK + a_lane + ks * 16);
+      ldmatrix_x4(va, sV + a_lane + ks * 16);
 #pragma unroll
       for (int jn = 0; jn < NT_S / 2; ++jn) {
         uint32_t qb[4], ob[4];
-        ldsm_x4(qb, qs + b_lane + jn * 16 * SROW + ks * 16);
+        ldmatrix_x4(qb, qs + b_lane + jn * 16 * SROW + ks * 16);
         Mma<T>::run(s[2 * jn], ka, qb[0], qb[1]);
         Mma<T>::run(s[2 * jn + 1], ka, qb[2], qb[3]);
-        ldsm_x4(ob, dos + b_lane + jn * 16 * SROW + ks * 16);
+        ldmatrix_x4(ob, dos + b_lane + jn * 16 * SROW + ks * 16);
         Mma<T>::run(dp[2 * jn], va, ob[0], ob[1]);
         Mma<T>::run(dp[2 * jn + 1], va, ob[2], ob[3]);
       }
@@ -824,10 +755,10 @@ __global__ void __launch_bounds__(BwdCfg<D>::NW * 32, 1) attn_bwd_dkdv_tc_kernel
 #pragma unroll
       for (int dn = 0; dn < D / 16; ++dn) {
         uint32_t ob[4], qb[4];
-        ldsm_x4_trans(ob, dos + t_lane + kk * 16 * SROW + dn * 16);
+        ldmatrix_x4_trans(ob, dos + t_lane + kk * 16 * SROW + dn * 16);
         Mma<T>::run(dv[2 * dn], pa, ob[0], ob[1]);
         Mma<T>::run(dv[2 * dn + 1], pa, ob[2], ob[3]);
-        ldsm_x4_trans(qb, qs + t_lane + kk * 16 * SROW + dn * 16);
+        ldmatrix_x4_trans(qb, qs + t_lane + kk * 16 * SROW + dn * 16);
         Mma<T>::run(dk[2 * dn], da, qb[0], qb[1]);
         Mma<T>::run(dk[2 * dn + 1], da, qb[2], qb[3]);
       }
@@ -929,15 +860,15 @@ __global__ void __launch_bounds__(BwdCfg<D>::NWQ * 32, 1) attn_bwd_dq_tc_kernel(
 #pragma unroll
     for (int ks = 0; ks < KSTEPS; ++ks) {
       uint32_t qa[4], oa[4];
-      ldsm_x4(qa, sQ + a_lane + ks * 16);
-      ldsm_x4(oa, sdO + a_lane + ks * 16);
+      ldmatrix_x4(qa, sQ + a_lane + ks * 16);
+      ldmatrix_x4(oa, sdO + a_lane + ks * 16);
 #pragma unroll
       for (int jn = 0; jn < NT_S / 2; ++jn) {
         uint32_t kb[4], vb[4];
-        ldsm_x4(kb, ks_ + b_lane + jn * 16 * SROW + ks * 16);
+        ldmatrix_x4(kb, ks_ + b_lane + jn * 16 * SROW + ks * 16);
         Mma<T>::run(s[2 * jn], qa, kb[0], kb[1]);
         Mma<T>::run(s[2 * jn + 1], qa, kb[2], kb[3]);
-        ldsm_x4(vb, vs_ + b_lane + jn * 16 * SROW + ks * 16);
+        ldmatrix_x4(vb, vs_ + b_lane + jn * 16 * SROW + ks * 16);
         Mma<T>::run(dp[2 * jn], oa, vb[0], vb[1]);
         Mma<T>::run(dp[2 * jn + 1], oa, vb[2], vb[3]);
       }
@@ -966,7 +897,7 @@ __global__ void __launch_bounds__(BwdCfg<D>::NWQ * 32, 1) attn_bwd_dq_tc_kernel(
 #pragma unroll
       for (int dn = 0; dn < D / 16; ++dn) {
         uint32_t kb[4];
-        ldsm_x4_trans(kb, ks_ + t_lane + kk * 16 * SROW + dn * 16);
+        ldmatrix_x4_trans(kb, ks_ + t_lane + kk * 16 * SROW + dn * 16);
         Mma<T>::run(dq[2 * dn], da, kb[0], kb[1]);
         Mma<T>::run(dq[2 * dn + 1], da, kb[2], kb[3]);
       }
@@ -1085,8 +1016,10 @@ __global__ void __launch_bounds__(DEC_THREADS) attn_decode_kernel(const AttnDeco
       const int r = e / dch, c = e - r * dch;
       const int64_t key = key0 + r;
       const bool ok = key < end;
-      cp_async16(sk + r * SROW + c * EPU, ok ? (const void*)(kg + key * a.k.st + c * EPU) : (const void*)kg, ok);
-      cp_async16(sv + r * SROW + c * EPU, ok ? (const void*)(vg + key * a.v.st + c * EPU) : (const void*)vg, ok);
+      cp_async16(smem_u32(sk + r * SROW + c * EPU),
+                 ok ? (const void*)(kg + key * a.k.st + c * EPU) : (const void*)kg, ok ? 16 : 0);
+      cp_async16(smem_u32(sv + r * SROW + c * EPU),
+                 ok ? (const void*)(vg + key * a.v.st + c * EPU) : (const void*)vg, ok ? 16 : 0);
     }
   };
   if (n_tiles > 0) load_tile(0, start);

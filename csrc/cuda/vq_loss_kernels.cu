@@ -41,6 +41,8 @@
 #include <cuda_bf16.h>
 #include <cstdint>
 
+#include "ptx.cuh"
+
 namespace vqkernels {
 namespace cuda {
 
@@ -48,16 +50,6 @@ namespace {
 
 constexpr int kThreads = 256;  // every kernel of this file runs 256-thread CTAs (8 warps)
 constexpr unsigned long long kSign = 0x8000000000000000ull;
-
-template <typename T> __device__ __forceinline__ float to_f(T v);
-template <> __device__ __forceinline__ float to_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ float to_f<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_f<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // VEC elements moved as one load/store (16 bytes for VEC = 16 / sizeof(T); a scalar for VEC = 1).
 template <typename T, int VEC>
@@ -215,7 +207,7 @@ vq_loss_fwd_kernel(Strided<const T> z, const T* __restrict__ cb, const int64_t* 
       store_pack<T, VEC>(qr + d * zq.sd, c);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
-        const float diff = to_f<T>(c.v[e]) - to_f<T>(x.v[e]);
+        const float diff = to_float<T>(c.v[e]) - to_float<T>(x.v[e]);
         acc = fmaf(diff, diff, acc);
       }
     }
@@ -261,12 +253,12 @@ vq_loss_bwd_kernel(Strided<const T> gzq, Strided<const T> z, const T* __restrict
       const P x = load_pack<T, VEC>(zr + d * z.sd);
       float diff[VEC];
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) diff[e] = to_f<T>(x.v[e]) - to_f<T>(c.v[e]);  // z - z_q
+      for (int e = 0; e < VEC; ++e) diff[e] = to_float<T>(x.v[e]) - to_float<T>(c.v[e]);  // z - z_q
       if (need_gz) {
         const P g = load_pack<T, VEC>(row_ptr(gzq, b, t) + d * gzq.sd);
         P o;
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) o.v[e] = from_f<T>(to_f<T>(g.v[e]) + c_z * diff[e]);
+        for (int e = 0; e < VEC; ++e) o.v[e] = from_float<T>(to_float<T>(g.v[e]) + c_z * diff[e]);
         store_pack<T, VEC>(row_ptr(gz, b, t) + d * gz.sd, o);
       }
       if (need_gcb) atomic_add_vec<VEC>(acc + k * D + d, diff);
@@ -282,7 +274,7 @@ grad_codebook_final_kernel(const float* acc, T* out, int64_t n, const float* __r
   const float scale = -(float)((double)__ldg(grad_loss) * mul_cb);
   const int64_t stride = (int64_t)gridDim.x * blockDim.x;
   for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
-    out[i] = from_f<T>(scale * acc[i]);
+    out[i] = from_float<T>(scale * acc[i]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -307,7 +299,7 @@ code_stats_sums_kernel(Strided<const T> z, const int64_t* __restrict__ idx, floa
       const P x = load_pack<T, VEC>(zr + d * z.sd);
       float v[VEC];
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) v[e] = to_f<T>(x.v[e]);
+      for (int e = 0; e < VEC; ++e) v[e] = to_float<T>(x.v[e]);
       atomic_add_vec<VEC>(sums + k * D + d, v);
     }
   }

@@ -40,11 +40,14 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded as asked (unsafe content, keys or shapes that do not match)."""
 
 
-def load_torch_checkpoint(checkpoint, *, trust_checkpoint: bool = False, map_location="cpu") -> dict:
+def load_torch_checkpoint(checkpoint, *, trust_checkpoint: bool = False, map_location="cpu",
+                          state_dict_keys: tuple[str, ...] = ("state_dict",), bare: bool = True) -> dict:
     """The state_dict of a ``torch.save`` checkpoint.
 
     ``checkpoint``: a path, or an already loaded dict. A Lightning checkpoint (``{"state_dict": ...}``)
-    gives its ``state_dict``; any other dict of tensors is taken as the state_dict itself.
+    gives its ``state_dict``; any other dict of tensors is taken as the state_dict itself. ``state_dict_keys``:
+    the entries that may hold the state_dict, the first present wins (LlamaGen's files: ``"model"``); ``bare=False``
+    refuses a checkpoint that has none of them.
 
     The file is read with ``torch.load(weights_only=True)``, which only rebuilds tensors and plain
     containers. Lightning checkpoints often hold more (callback states, hyper-parameter objects); unpickling
@@ -73,9 +76,13 @@ def load_torch_checkpoint(checkpoint, *, trust_checkpoint: bool = False, map_loc
     if not isinstance(ckpt, Mapping):
         raise CheckpointError(f"checkpoint: expected a dict (a state_dict or {{'state_dict': ...}}), "
                               f"got {type(ckpt).__name__}")
-    sd = ckpt.get("state_dict", ckpt)
+    key = next((k for k in state_dict_keys if k in ckpt), None)
+    if key is None and not bare:
+        raise CheckpointError(f"checkpoint: expected the weights under {' or '.join(map(repr, state_dict_keys))}, "
+                              f"got entries {sorted(map(str, ckpt))[:_SHOW]}")
+    sd = ckpt if key is None else ckpt[key]
     if not isinstance(sd, Mapping):
-        raise CheckpointError(f"checkpoint: 'state_dict' is a {type(sd).__name__}, not a dict of tensors")
+        raise CheckpointError(f"checkpoint: {key!r} is a {type(sd).__name__}, not a dict of tensors")
     bad = [k for k, v in sd.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"checkpoint: the state_dict holds non-tensor entries, e.g. {bad[:_SHOW]}")

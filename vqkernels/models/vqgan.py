@@ -10,22 +10,31 @@ C channels). Module names, state_dict keys, methods and return values are taming
     indices = model.tokenize(x)                  # (B, h, w) int64
     x_rec = model.decode_code(indices)           # (B, 3, H, W)
     model.save_pretrained("vqgan-f16")           # config.json + model.safetensors
+
+LlamaGen's image tokenizer (FoundationVision/LlamaGen, ``tokenizer/tokenizer_image/vq_model.py``) is the same
+network with other module names, attention at the coarsest level only, an optional decoder ``ch_mult`` of its own
+and an l2-normalised low-dimensional codebook (16384 codes of 8); ``layout="llamagen"`` names the modules as it
+does, so its checkpoints load key for key::
+
+    model = VQModel.from_llamagen("vq_ds16_c2i.pt", "VQ-16")  # weights under "model", as LlamaGen saves them
 """
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._config import Config
 from ..nn.quantizer import VectorQuantizer
 from ..ops.attention import attention
-from ._checkpoint import (PretrainedMixin, check_state_dict, load_torch_checkpoint, load_yaml_config, select_prefix,
-                          to_jsonable)
+from ._checkpoint import PretrainedMixin, check_state_dict, load_torch_checkpoint, load_yaml_config, select_prefix
 
-__all__ = ["VQGANConfig", "VQModel", "Encoder", "Decoder", "ResnetBlock", "AttnBlock"]
+__all__ = ["VQGANConfig", "VQModel", "Encoder", "Decoder", "ResnetBlock", "AttnBlock", "codebook_entropy_loss"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -43,8 +52,21 @@ _VQMODEL_IGNORED = ("ckpt_path", "ignore_keys", "image_key", "colorize_nlabels",
 _TARGETS = ("taming.models.vqgan.VQModel", "ldm.models.autoencoder.VQModel")
 
 
+# LlamaGen's tokenizer ModelArgs (tokenizer/tokenizer_image/vq_model.py), with its defaults
+_LLAMAGEN_ARGS = dict(codebook_size=16384, codebook_embed_dim=8, codebook_l2_norm=True, codebook_show_usage=True,
+                      commit_loss_beta=0.25, entropy_loss_ratio=0.0, encoder_ch_mult=(1, 1, 2, 2, 4),
+                      decoder_ch_mult=(1, 1, 2, 2, 4), z_channels=256, dropout_p=0.0)
+# its named models (VQ_models): only the channel multipliers differ
+_LLAMAGEN_MODELS = {"VQ-16": dict(encoder_ch_mult=(1, 1, 2, 2, 4), decoder_ch_mult=(1, 1, 2, 2, 4)),
+                    "VQ-8": dict(encoder_ch_mult=(1, 2, 2, 4), decoder_ch_mult=(1, 2, 2, 4))}
+# LlamaGen's VectorQuantizer keeps the last 65536 code indices it chose while training (codebook_used)
+LLAMAGEN_USAGE_WINDOW = 65536
+# the softmax temperature of LlamaGen's entropy loss (compute_entropy_loss's default, the one it trains with)
+LLAMAGEN_ENTROPY_TEMPERATURE = 0.01
+
+
 @dataclass
-class VQGANConfig:
+class VQGANConfig(Config):
     # taming's ddconfig (defaults: the f16, 1024-code ImageNet model)
     double_z: bool = False
     z_channels: int = 256
@@ -68,12 +90,28 @@ class VQGANConfig:
     sane_index_shape: bool = False
     decay: float | None = None
     threshold_ema_dead_code: float = 0.0
-    use_cosine_sim: bool = False
+    use_cosine_sim: bool = False  # l2-normalised inputs and codes (LlamaGen's codebook_l2_norm)
     codebook_dim: int | None = None
+    # LlamaGen's tokenizer (see VQGANConfig.from_llamagen)
+    layout: Literal["taming", "llamagen"] = "taming"  # the module names, so the state_dict keys are the peer's
+    decoder_ch_mult: tuple[int, ...] | None = None  # the decoder's own multipliers (None: ch_mult), same length
+    codebook_show_usage: bool = False  # keep LlamaGen's quantize.codebook_used window of the last chosen codes
+    entropy_loss_ratio: float = 0.0  # weight of LlamaGen's codebook entropy loss, added to the loss in training
 
     def __post_init__(self):
         self.ch_mult = tuple(int(m) for m in self.ch_mult)
         self.attn_resolutions = tuple(int(r) for r in self.attn_resolutions)
+        if self.layout not in ("taming", "llamagen"):
+            raise ValueError(f"VQGANConfig: layout must be 'taming' or 'llamagen', got {self.layout!r}")
+        if self.decoder_ch_mult is not None:
+            self.decoder_ch_mult = tuple(int(m) for m in self.decoder_ch_mult)
+            if len(self.decoder_ch_mult) != len(self.ch_mult) or min(self.decoder_ch_mult) < 1:
+                raise ValueError(
+                    f"VQGANConfig: decoder_ch_mult must be positive ints, as many as ch_mult ({len(self.ch_mult)}: "
+                    f"the decoder upsamples by the factor the encoder downsamples by), got {self.decoder_ch_mult}")
+        if isinstance(self.entropy_loss_ratio, bool) or not isinstance(self.entropy_loss_ratio, (int, float)) \
+                or not self.entropy_loss_ratio >= 0:
+            raise ValueError(f"VQGANConfig: entropy_loss_ratio must be a number >= 0, got {self.entropy_loss_ratio!r}")
         if self.double_z:
             raise ValueError("VQGANConfig: double_z=True is not supported (taming's VQModel breaks with it too: "
                              "quant_conv expects z_channels inputs); published VQGAN configs use double_z: False")
@@ -84,22 +122,67 @@ class VQGANConfig:
                 raise ValueError(f"VQGANConfig: {name} must be a positive int, got {v!r}")
         if not self.ch_mult or min(self.ch_mult) < 1:
             raise ValueError(f"VQGANConfig: ch_mult must be a non-empty sequence of positive ints, got {self.ch_mult}")
-        for m in (1,) + self.ch_mult:  # GroupNorm(32) on every width
+        for m in (1,) + self.ch_mult + self.decoder_mult:  # GroupNorm(32) on every width
             if (self.ch * m) % 32:
-                raise ValueError(f"VQGANConfig: every width ch * ch_mult must be a multiple of 32 (GroupNorm's 32 "
-                                 f"groups); ch={self.ch}, ch_mult={self.ch_mult}")
+                raise ValueError(f"VQGANConfig: every width ch * ch_mult (and ch * decoder_ch_mult) must be a multiple "
+                                 f"of 32 (GroupNorm's 32 groups); ch={self.ch}, ch_mult={self.ch_mult}, "
+                                 f"decoder_ch_mult={self.decoder_ch_mult}")
 
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.ch_mult) - 1)
 
+    @property
+    def decoder_mult(self) -> tuple[int, ...]:
+        """The decoder's channel multipliers (``decoder_ch_mult``, else ``ch_mult``)."""
+        return self.ch_mult if self.decoder_ch_mult is None else self.decoder_ch_mult
+
     @classmethod
-    def from_dict(cls, d: dict) -> "VQGANConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
+    def from_llamagen(cls, config="VQ-16", **model_args) -> "VQGANConfig":
+        """LlamaGen's tokenizer config: a model name (``"VQ-16"``, ``"VQ-8"``, as its ``VQ_models``), a dict (or
+        dataclass) of its ``ModelArgs`` fields, or a VQGANConfig (returned as is). ``model_args`` override fields, as
+        LlamaGen's ``VQ_16(codebook_size=..., codebook_embed_dim=...)`` does.
+
+        LlamaGen's Encoder/Decoder are taming's with ch 128, 2 ResNet blocks a level, 3 -> 3 channels and attention
+        at the coarsest level; ``resolution`` (which it does not have: any multiple of the downsampling factor
+        works) is set to its 256 training size and ``attn_resolutions`` to that level. Its quantizer is
+        ``use_cosine_sim=codebook_l2_norm``, ``beta=commit_loss_beta`` with ``legacy=False`` (beta weights the
+        commitment term).
+        """
+        if isinstance(config, VQGANConfig):
+            if model_args:
+                raise ValueError("VQGANConfig.from_llamagen: overrides are for LlamaGen's ModelArgs, not a VQGANConfig")
+            return config
+        if isinstance(config, str):
+            if config not in _LLAMAGEN_MODELS:
+                raise ValueError(f"config: unknown LlamaGen tokenizer {config!r}; the named ones are "
+                                 f"{sorted(_LLAMAGEN_MODELS)} (or pass a dict of its ModelArgs)")
+            args = dict(_LLAMAGEN_MODELS[config])
+        elif dataclasses.is_dataclass(config) and not isinstance(config, type):
+            args = dataclasses.asdict(config)
+        elif isinstance(config, Mapping):
+            args = dict(config)
+        else:
+            raise TypeError(f"config: expected a LlamaGen tokenizer name, a dict of its ModelArgs or a VQGANConfig, "
+                            f"got {type(config).__name__}")
+        args.update(model_args)
+        unknown = sorted(set(args) - set(_LLAMAGEN_ARGS))
         if unknown:
-            raise ValueError(f"VQGANConfig: unknown field(s) {unknown}; the fields are {sorted(names)}")
-        return cls(**d)
+            raise ValueError(f"config: {unknown} are not fields of LlamaGen's tokenizer ModelArgs "
+                             f"(it has {list(_LLAMAGEN_ARGS)})")
+        a = {**_LLAMAGEN_ARGS, **args}
+        enc, dec = tuple(a["encoder_ch_mult"]), tuple(a["decoder_ch_mult"])
+        if len(enc) != len(dec):
+            raise NotImplementedError(
+                f"config: encoder_ch_mult {list(enc)} and decoder_ch_mult {list(dec)} have different lengths (a decoder "
+                f"whose output size differs from its input's); only equal lengths are supported")
+        resolution = max(256, 2 ** (len(enc) - 1))
+        return cls(z_channels=a["z_channels"], resolution=resolution, in_channels=3, out_ch=3, ch=128, ch_mult=enc,
+                   num_res_blocks=2, attn_resolutions=(resolution // 2 ** (len(enc) - 1),), dropout=a["dropout_p"],
+                   n_embed=a["codebook_size"], embed_dim=a["codebook_embed_dim"], beta=a["commit_loss_beta"],
+                   legacy=False, use_cosine_sim=a["codebook_l2_norm"], layout="llamagen",
+                   decoder_ch_mult=None if dec == enc else dec, codebook_show_usage=a["codebook_show_usage"],
+                   entropy_loss_ratio=a["entropy_loss_ratio"])
 
     @classmethod
     def from_taming(cls, config) -> "VQGANConfig":
@@ -131,15 +214,6 @@ class VQGANConfig:
         if "remap" in kw and kw["remap"] is not None:
             kw["remap"] = str(kw["remap"])
         return cls(**dd, **kw)
-
-    def to_dict(self) -> dict:
-        return to_jsonable(dataclasses.asdict(self))
-
-    @classmethod
-    def cpu_bench(cls) -> "VQGANConfig":
-        """The issue's CPU benchmark size: ch 64, ch_mult (1, 2, 2, 4), 512 codes of 64, attention at 8, 64x64."""
-        return cls(ch=64, ch_mult=(1, 2, 2, 4), num_res_blocks=1, attn_resolutions=(8,), resolution=64,
-                   z_channels=64, n_embed=512, embed_dim=64)
 
     @classmethod
     def f16_1024(cls) -> "VQGANConfig":
@@ -268,15 +342,17 @@ class Upsample(nn.Module):
 
 class _Level(nn.Module):
     """One resolution of the encoder/decoder: its ResNet blocks, the attention after each (when the
-    resolution is in attn_resolutions) and the resampling (taming's ``down[i]`` / ``up[i]``)."""
+    resolution is in attn_resolutions) and the resampling (taming's ``down[i]`` / ``up[i]``, LlamaGen's
+    ``conv_blocks[i]``). The ResNet blocks are ``block`` (taming) or ``res`` (LlamaGen)."""
 
-    def __init__(self, blocks, attns):
+    def __init__(self, blocks, attns, blocks_name: str = "block"):
         super().__init__()
-        self.block = nn.ModuleList(blocks)
+        self._blocks_name = blocks_name
+        setattr(self, blocks_name, nn.ModuleList(blocks))
         self.attn = nn.ModuleList(attns)
 
     def forward(self, h):
-        for i, block in enumerate(self.block):
+        for i, block in enumerate(getattr(self, self._blocks_name)):
             h = block(h)
             if len(self.attn):
                 h = self.attn[i](h)
@@ -284,6 +360,8 @@ class _Level(nn.Module):
 
 
 class _Mid(nn.Module):
+    """ResNet block, attention, ResNet block (taming's names)."""
+
     def __init__(self, channels: int, dropout: float):
         super().__init__()
         self.block_1 = ResnetBlock(channels, channels, dropout)
@@ -294,16 +372,36 @@ class _Mid(nn.Module):
         return self.block_2(self.attn_1(self.block_1(h)))
 
 
+class _MidList(nn.ModuleList):
+    """The same three blocks as LlamaGen names them (``mid.0``, ``mid.1``, ``mid.2``)."""
+
+    def __init__(self, channels: int, dropout: float):
+        super().__init__([ResnetBlock(channels, channels, dropout), AttnBlock(channels),
+                          ResnetBlock(channels, channels, dropout)])
+
+    def forward(self, h):
+        for block in self:
+            h = block(h)
+        return h
+
+
+def _mid(cfg: VQGANConfig, channels: int) -> nn.Module:
+    return (_MidList if cfg.layout == "llamagen" else _Mid)(channels, cfg.dropout)
+
+
 class Encoder(nn.Module):
-    """(B, in_channels, H, W) -> (B, z_channels, H/f, W/f), f = 2^(len(ch_mult) - 1)."""
+    """(B, in_channels, H, W) -> (B, z_channels, H/f, W/f), f = 2^(len(ch_mult) - 1).
+
+    Levels finest first: taming's ``down``, LlamaGen's ``conv_blocks`` (``layout="llamagen"``)."""
 
     def __init__(self, cfg: VQGANConfig):
         super().__init__()
         ch, ch_mult = cfg.ch, cfg.ch_mult
+        llamagen = cfg.layout == "llamagen"
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, 1, 1)
         res = cfg.resolution
         in_mult = (1,) + ch_mult
-        self.down = nn.ModuleList()
+        levels = []
         for i, mult in enumerate(ch_mult):
             c_in, c_out = ch * in_mult[i], ch * mult
             blocks, attns = [], []
@@ -312,19 +410,27 @@ class Encoder(nn.Module):
                 c_in = c_out
                 if res in cfg.attn_resolutions:
                     attns.append(AttnBlock(c_out))
-            level = _Level(blocks, attns)
+            level = _Level(blocks, attns, "res" if llamagen else "block")
             if i != len(ch_mult) - 1:
                 level.downsample = Downsample(c_out, cfg.resamp_with_conv)
                 res //= 2
-            self.down.append(level)
+            levels.append(level)
+        if llamagen:
+            self.conv_blocks = nn.ModuleList(levels)
+        else:
+            self.down = nn.ModuleList(levels)
         c = ch * ch_mult[-1]
-        self.mid = _Mid(c, cfg.dropout)
+        self.mid = _mid(cfg, c)
         self.norm_out = Normalize(c)
         self.conv_out = nn.Conv2d(c, cfg.z_channels, 3, 1, 1)
 
+    def levels(self) -> nn.ModuleList:
+        """The levels, finest first."""
+        return self.conv_blocks if hasattr(self, "conv_blocks") else self.down
+
     def forward(self, x):
         h = self.conv_in(x)  # (B, ch, H, W)
-        for level in self.down:
+        for level in self.levels():
             h = level(h)
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
@@ -333,16 +439,20 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """(B, z_channels, h, w) -> (B, out_ch, h*f, w*f)."""
+    """(B, z_channels, h, w) -> (B, out_ch, h*f, w*f).
+
+    Its widths are ``ch * decoder_mult``. Levels: taming's ``up`` finest first, LlamaGen's ``conv_blocks``
+    coarsest first (the order each runs them in reversed / in order)."""
 
     def __init__(self, cfg: VQGANConfig):
         super().__init__()
-        ch, ch_mult = cfg.ch, cfg.ch_mult
+        ch, ch_mult = cfg.ch, cfg.decoder_mult
+        llamagen = cfg.layout == "llamagen"
         self.give_pre_end = cfg.give_pre_end
         c = ch * ch_mult[-1]
         res = cfg.resolution // 2 ** (len(ch_mult) - 1)
         self.conv_in = nn.Conv2d(cfg.z_channels, c, 3, 1, 1)
-        self.mid = _Mid(c, cfg.dropout)
+        self.mid = _mid(cfg, c)
         ups = []
         for i in reversed(range(len(ch_mult))):
             c_out = ch * ch_mult[i]
@@ -352,18 +462,25 @@ class Decoder(nn.Module):
                 c = c_out
                 if res in cfg.attn_resolutions:
                     attns.append(AttnBlock(c_out))
-            level = _Level(blocks, attns)
+            level = _Level(blocks, attns, "res" if llamagen else "block")
             if i != 0:
                 level.upsample = Upsample(c_out, cfg.resamp_with_conv)
                 res *= 2
-            ups.insert(0, level)  # up[0] is the finest level, as taming
-        self.up = nn.ModuleList(ups)
+            ups.append(level)  # coarsest first
+        if llamagen:
+            self.conv_blocks = nn.ModuleList(ups)
+        else:
+            self.up = nn.ModuleList(ups[::-1])  # up[0] is the finest level, as taming
         self.norm_out = Normalize(c)
         self.conv_out = nn.Conv2d(c, cfg.out_ch, 3, 1, 1)
 
+    def levels(self) -> list[nn.Module]:
+        """The levels in the order they run, coarsest first."""
+        return list(self.conv_blocks) if hasattr(self, "conv_blocks") else list(reversed(self.up))
+
     def forward(self, z):
-        h = self.mid(self.conv_in(z))  # (B, ch * ch_mult[-1], h, w)
-        for level in reversed(self.up):
+        h = self.mid(self.conv_in(z))  # (B, ch * decoder_mult[-1], h, w)
+        for level in self.levels():
             h = level(h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
@@ -404,6 +521,14 @@ class VQModel(nn.Module, PretrainedMixin):
             sane_index_shape=config.sane_index_shape, legacy=config.legacy, decay=config.decay,
             threshold_ema_dead_code=config.threshold_ema_dead_code, use_cosine_sim=config.use_cosine_sim,
             codebook_dim=config.codebook_dim)
+        if config.layout == "llamagen" and config.use_cosine_sim:
+            # LlamaGen starts from unit codes (its uniform draw, then l2-normalised): the same search, but
+            # codes of norm ~1/n_embed would get ~n_embed times larger gradients through the normalisation
+            with torch.no_grad():
+                self.quantize.embedding.weight.copy_(F.normalize(self.quantize.embedding.weight, dim=-1))
+        if config.codebook_show_usage:
+            # LlamaGen's window of the last chosen code indices (float, as it keeps them), in its state_dict
+            self.quantize.register_buffer("codebook_used", torch.zeros(LLAMAGEN_USAGE_WINDOW))
         self.quant_conv = nn.Conv2d(config.z_channels, config.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(config.embed_dim, config.z_channels, 1)
 
@@ -426,10 +551,42 @@ class VQModel(nn.Module, PretrainedMixin):
 
     # -- taming's methods ---------------------------------------------------------------------
     def encode(self, x):
-        """x (B, C, H, W) -> (quant (B, embed_dim, h, w), emb_loss, (perplexity, None, indices))."""
+        """x (B, C, H, W) -> (quant (B, embed_dim, h, w), emb_loss, (perplexity, None, indices)).
+
+        While training, emb_loss also holds ``entropy_loss_ratio`` times LlamaGen's entropy loss (its
+        ``vq_loss + commit_loss + entropy_loss`` in one scalar), and ``codebook_show_usage`` records the
+        chosen codes in ``quantize.codebook_used``."""
         self._check_images(x)
         h = self.quant_conv(self.encoder(x))  # (B, embed_dim, h, w)
-        return self.quantize(h)
+        quant, loss, info = self.quantize(h)
+        if self.training:
+            if self.config.entropy_loss_ratio > 0:
+                loss = loss + self.config.entropy_loss_ratio * self._entropy_loss(h)
+            if self.config.codebook_show_usage:
+                self._record_usage(info[2])
+        return quant, loss, info
+
+    def _entropy_loss(self, h):
+        q = self.quantize
+        z = h.permute(0, 2, 3, 1).reshape(-1, h.shape[1]).float()  # (N, embed_dim)
+        if q.project_in is not None:
+            z = q.project_in(z)
+        return codebook_entropy_loss(z, q.embedding.weight.float(), cosine=self.config.use_cosine_sim)
+
+    @torch.no_grad()
+    def _record_usage(self, indices):
+        """LlamaGen's rolling window: shift out the oldest, append this batch's indices (the last window's worth)."""
+        buf = self.quantize.codebook_used
+        idx = indices.reshape(-1)[-buf.numel():].to(buf.dtype)
+        n = idx.numel()
+        buf.copy_(torch.cat([buf[n:], idx]))
+
+    def codebook_usage(self) -> float:
+        """LlamaGen's codebook_usage: distinct values in the ``codebook_used`` window over ``n_embed`` (the window
+        starts as zeros, which count as code 0)."""
+        if not self.config.codebook_show_usage:
+            raise ValueError("codebook_usage needs a config with codebook_show_usage=True (the codebook_used window)")
+        return torch.unique(self.quantize.codebook_used).numel() / self.config.n_embed
 
     def decode(self, quant):
         """quant (B, embed_dim, h, w) -> (B, out_ch, h*f, w*f)."""
@@ -487,3 +644,52 @@ class VQModel(nn.Module, PretrainedMixin):
         check_state_dict(model, sd, what="checkpoint", ignore_missing=extra)
         model.load_state_dict(sd, strict=True)
         return model.eval()
+
+    @classmethod
+    def from_llamagen(cls, checkpoint, config="VQ-16", *, ema: bool = False, trust_checkpoint: bool = False,
+                      map_location="cpu") -> "VQModel":
+        """Load a LlamaGen image tokenizer (``tokenizer/tokenizer_image/vq_model.py``).
+
+        checkpoint: a ``torch.save`` file as LlamaGen's vq_train.py writes it (the weights under ``"model"``; also
+            ``"module"`` or ``"state_dict"``, as its samplers accept), such a dict, or a bare state_dict. With
+            ``ema=True`` the ``"ema"`` weights load instead (as its reconstruction script prefers). Read with
+            ``torch.load(weights_only=True)``; its training checkpoints also hold the argparse ``args``, which only
+            ``trust_checkpoint=True`` unpickles (only for files whose origin you trust).
+        config: ``"VQ-16"``, ``"VQ-8"``, a dict of its ``ModelArgs`` (e.g. ``{"codebook_size": 16384,
+            "codebook_embed_dim": 8}`` on top of the defaults) or a VQGANConfig (see
+            :meth:`VQGANConfig.from_llamagen`).
+        Every key and shape must match, ``quantize.codebook_used`` included when ``codebook_show_usage`` (its
+        default) is set. ``tokenize(x)`` then gives LlamaGen's code indices as (B, h, w) and ``decode_code`` its
+        reconstructions.
+        """
+        cfg = VQGANConfig.from_llamagen(config)
+        if cfg.layout != "llamagen":
+            raise ValueError("config: a VQGANConfig for from_llamagen needs layout='llamagen' (LlamaGen's key names)")
+        keys = ("ema",) if ema else ("model", "module", "state_dict")
+        sd = load_torch_checkpoint(checkpoint, trust_checkpoint=trust_checkpoint, map_location=map_location,
+                                   state_dict_keys=keys, bare=not ema)
+        model = cls(cfg)
+        check_state_dict(model, sd, what="checkpoint")
+        model.load_state_dict(sd, strict=True)
+        return model.eval()
+
+
+def codebook_entropy_loss(z: torch.Tensor, codebook: torch.Tensor, *, cosine: bool,
+                          temperature: float = LLAMAGEN_ENTROPY_TEMPERATURE) -> torch.Tensor:
+    """LlamaGen's codebook entropy loss (``compute_entropy_loss(-d)``), z (N, D), codebook (K, D) -> 0-d.
+
+    With p = softmax(-d / temperature) over the codes, d the squared distances (of the l2-normalised vectors with
+    ``cosine``): the mean entropy of each p minus the entropy of their mean (with LlamaGen's 1e-5 inside that log).
+    Low when each vector is sure of its code and the batch spreads over the codebook. Forms the (N, K) scores, as
+    LlamaGen does: a training-time term for codebooks of a few ten thousand codes.
+    """
+    if cosine:
+        z, codebook = F.normalize(z, dim=-1), F.normalize(codebook, dim=-1)
+    d = (z * z).sum(1, keepdim=True) + (codebook * codebook).sum(1) - 2.0 * (z @ codebook.T)  # (N, K)
+    logits = d.mul(-1.0 / temperature)
+    log_probs = F.log_softmax(logits, dim=-1)
+    probs = log_probs.exp()
+    avg_probs = probs.mean(0)  # (K,)
+    avg_entropy = -(avg_probs * torch.log(avg_probs + 1e-5)).sum()
+    sample_entropy = -(probs * log_probs).sum(-1).mean()
+    return sample_entropy - avg_entropy

@@ -169,11 +169,19 @@ def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
     return t
 
 
+def sync_index_check() -> bool:
+    """True under VQKERNELS_SYNC_INDEX_CHECK=1: index ranges on CUDA tensors are read back to the host and a bad
+    index raises IndexError (one sync per op: for debugging), instead of a device-side assert without a sync.
+    Read per call (tests toggle it)."""
+    return os.environ.get("VQKERNELS_SYNC_INDEX_CHECK", "0") not in ("", "0")
+
+
 def check_index_range(indices: torch.Tensor, num_codes: int) -> None:
     """IndexError when an index lies outside [0, num_codes).
 
-    It reads the values (on a GPU: one min/max read back to the host), so the ops call it inside
-    their bodies, not in the public wrappers' static checks."""
+    It reads the values (on a GPU: one min/max read back to the host, which waits for the stream), so the ops
+    call it inside their bodies, not in the public wrappers' static checks; the Triton launchers check CUDA
+    tensors on the device instead (ops/_triton_index.py)."""
     if indices.numel() == 0:
         return
     lo, hi = int(indices.min()), int(indices.max())

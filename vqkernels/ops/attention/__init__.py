@@ -51,6 +51,8 @@ import torch
 
 from ... import _backend
 from .._custom_op import custom_op
+from .._launch import triton_module
+from .._launch import unit_last as _unit_last
 from .reference import (
     attention_bwd_reference,
     attention_decode_reference,
@@ -140,15 +142,7 @@ _backend.declare(
 # ---------------------------------------------------------------------------------------------
 # The implementations by backend name. Outputs are contiguous (cpu: see _cpu_fwd_layout; the fakes say the same).
 
-def _triton():
-    from . import triton as tr
-
-    return tr
-
-
-def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    """t itself when its last dimension is unit-stride (kernels take any other strides), else a contiguous copy."""
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+_triton = triton_module(__name__)
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:

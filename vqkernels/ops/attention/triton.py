@@ -45,16 +45,14 @@ ones ``tests/test_triton_sm90.py`` compiles for sm_90 and checks for register sp
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from ... import _backend
+from .._launch import device_guard, num_sms, unit_last
 
 LOG2E = 1.4426950408889634
 
@@ -657,10 +655,6 @@ _MAX_SPLITS = 64
 _MIN_BLOCKS_PER_SPLIT = 2
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 # Under the interpreter the cost is per program and per loop step, not per element, and registers do
 # not exist: the forward and backward run 64 x 64 tiles there (2-4x faster than the fp32 GPU tiles at
 # T = 1000). The kernels' logic does not depend on the block sizes; tests/test_attention_triton.py
@@ -669,25 +663,9 @@ _INTERP_CONFIG = AttnConfig(64, 64, 4, 1)
 
 
 def _pick(kernel: str, dtype: torch.dtype, head_dim: int) -> AttnConfig:
-    if _interpreted() and kernel in ("fwd", "bwd_dkdv", "bwd_dq"):
+    if _backend.triton_interpreter() and kernel in ("fwd", "bwd_dkdv", "bwd_dq"):
         return _INTERP_CONFIG
     return family(kernel, dtype, head_dim)
-
-
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _device_ctx(t: torch.Tensor):
-    # Launch on the tensors' GPU, whichever device is current.
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
-def _unit_last(t: torch.Tensor) -> torch.Tensor:
-    # The kernels take any strides but a unit one on the head dim (a gradient expanded from a scalar
-    # has stride 0 there): copy only then.
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _check_common(name_q: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_name="k", v_name="v"):
@@ -719,7 +697,7 @@ def attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, caus
     ``config`` overrides the launcher's block sizes (tests and benchmarks only).
     """
     _check_common("q", q, k, v)
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    q, k, v = unit_last(q), unit_last(k), unit_last(v)
     B, H, Tq, Dh = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     out = _backend.new_output((B, H, Tq, Dh), q.dtype, q.device)
@@ -728,7 +706,7 @@ def attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, caus
         return out, lse
     cfg = config or _pick("fwd", q.dtype, Dh)
     grid = (B * H * triton.cdiv(Tq, cfg.block_m),)
-    with _device_ctx(q):
+    with device_guard(q.device):
         _attention_fwd_kernel[grid](
             q, k, v, out, lse,
             H, Hkv, Tq, Tk, float(scale) * LOG2E,
@@ -737,7 +715,7 @@ def attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, caus
             v.stride(0), v.stride(1), v.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
             HEAD_DIM=Dh, CAUSAL=bool(causal), PRECISION=_precision(q.dtype),
-            WIDEN=_interpreted() and q.dtype in _HALF, **cfg.meta(Dh), **cfg.options())
+            WIDEN=_backend.triton_interpreter() and q.dtype in _HALF, **cfg.meta(Dh), **cfg.options())
     return out, lse
 
 
@@ -759,10 +737,10 @@ def attention_bwd_triton(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     if lse.shape != (B, H, Tq) or lse.dtype != torch.float32 or lse.device != q.device:
         raise ValueError(f"lse must be float32 (B, H, Tq) = {(B, H, Tq)} on {q.device}, got "
                          f"{lse.dtype} {tuple(lse.shape)} on {lse.device}")
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    q, k, v = unit_last(q), unit_last(k), unit_last(v)
     # dO must share q's dtype for the half dots (autograd may hand it in another dtype).
-    grad_out = _unit_last(grad_out.to(q.dtype))
-    out = _unit_last(out)
+    grad_out = unit_last(grad_out.to(q.dtype))
+    out = unit_last(out)
     lse = lse.contiguous()
     dq = _backend.new_output((B, H, Tq, Dh), q.dtype, q.device)
     dk = _backend.new_output((B, Hkv, Tk, Dh), k.dtype, k.device)
@@ -775,12 +753,12 @@ def attention_bwd_triton(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tenso
     if not dq.numel() or not dk.numel():
         return dq, dk, dv
     prec = _precision(q.dtype)
-    widen = _interpreted() and q.dtype in _HALF
+    widen = _backend.triton_interpreter() and q.dtype in _HALF
     bd = block_d(Dh)
     c_kv = config_dkdv or _pick("bwd_dkdv", q.dtype, Dh)
     c_q = config_dq or _pick("bwd_dq", q.dtype, Dh)
     qk_scale = float(scale) * LOG2E
-    with _device_ctx(q):
+    with device_guard(q.device):
         delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
         pre_m = _pre_block_m(bd)
         _attention_bwd_preprocess_kernel[(B * H * triton.cdiv(Tq, pre_m),)](
@@ -837,7 +815,7 @@ def attention_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         raise ValueError(f"cache_seqlens must be on q's device {q.device}, got {cache_seqlens.device}")
     if Tq > Tmax:
         raise ValueError(f"q has Tq={Tq} queries, more than the cache holds (Tmax={Tmax})")
-    q, k_cache, v_cache = _unit_last(q), _unit_last(k_cache), _unit_last(v_cache)
+    q, k_cache, v_cache = unit_last(q), unit_last(k_cache), unit_last(v_cache)
     seqlens = cache_seqlens.contiguous()
     out = _backend.new_output((B, H, Tq, Dh), q.dtype, q.device)
     if out.numel() == 0:
@@ -847,7 +825,7 @@ def attention_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     row_blocks = triton.cdiv(n_rows, cfg.block_m)
     if num_splits is None:
         dev = q.device
-        sms = _INTERP_SMS if (_interpreted() or dev.type != "cuda") else _num_sms(
+        sms = _INTERP_SMS if (_backend.triton_interpreter() or dev.type != "cuda") else num_sms(
             dev.index if dev.index is not None else torch.cuda.current_device())
         num_splits = decode_num_splits(B * Hkv, row_blocks, Tmax, cfg.block_n, sms)
     num_splits = min(int(num_splits), _MAX_SPLITS)  # the combine kernel is compiled up to this many
@@ -855,7 +833,7 @@ def attention_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     num_splits = max(1, triton.cdiv(Tmax, split_len))  # no split that starts past Tmax
     use_split = num_splits > 1
     bd = block_d(Dh)
-    with _device_ctx(q):
+    with device_guard(q.device):
         if use_split:
             part_o = torch.empty((num_splits, B, H, Tq, bd), dtype=torch.float32, device=q.device)
             part_lse = torch.empty((num_splits, B, H, Tq), dtype=torch.float32, device=q.device)
@@ -869,7 +847,7 @@ def attention_decode_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
             HEAD_DIM=Dh, SPLIT=use_split, PRECISION=_precision(q.dtype),
-            WIDEN=_interpreted() and q.dtype in _HALF, **cfg.meta(Dh), **cfg.options())
+            WIDEN=_backend.triton_interpreter() and q.dtype in _HALF, **cfg.meta(Dh), **cfg.options())
         if use_split:
             _attention_decode_combine_kernel[(B * H * Tq,)](
                 part_o, part_lse, out, B * H * Tq, num_splits, H, Tq,

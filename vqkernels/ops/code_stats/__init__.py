@@ -12,11 +12,13 @@ so it passes ``torch.library.opcheck`` and runs under ``torch.compile(fullgraph=
 chosen in the public wrapper (``vqkernels._backend.select``) and travels into the op as a string.
 
 Backends: ``torch`` (reference.py: the spec), ``cpu`` and ``cuda`` (the ``torch.ops.vqkernels_C`` ops
-code_stats / code_usage, csrc/cpu/vq_loss.cpp and csrc/cuda/vq_loss_kernels.cu: one op each, routed by
+code_stats / code_usage, csrc/cpu/code_stats.cpp and csrc/cuda/code_stats.cpp: one op each, routed by
 device), ``triton`` (triton.py). ``ema_update_`` is code_stats on the chosen backend, then the EMA
 mixing; ``ema_update_from_stats_`` is elementwise work on (K, D) buffers in PyTorch (no kernel of its
 own). On ``triton`` and ``cuda`` the per-code sums are float32 atomic adds, so their last bits may
-differ from run to run (the counts are exact). Indices outside [0, K) raise ``IndexError`` on every backend.
+differ from run to run (the counts are exact). Indices outside [0, K) raise ``IndexError`` on every backend on
+CPU tensors; on CUDA tensors ``cuda`` and ``triton`` check them on the device without a host sync (a device-side
+assert), or, under ``VQKERNELS_SYNC_INDEX_CHECK=1``, raise ``IndexError`` after reading them back (as vq_loss).
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from .._checks import (
     check_tensor,
 )
 from .._custom_op import custom_op
+from .._launch import interpreter_float32_only, triton_module
 from .._layout import acc_dtype, as_btd, flat_rows
 from .reference import code_stats_reference, code_usage_reference, ema_update_from_stats_reference
 
@@ -44,12 +47,6 @@ OP_USAGE = "code_usage"  # histogram of indices + perplexity
 # ---------------------------------------------------------------------------------------------
 # What each backend can take, over the ops' named arguments:
 #   code_stats: z (B, T, D), indices (B, T), num_codes;   code_usage: indices (N,), num_codes
-
-def _interpreter_float32_only(z, **_):
-    if z.device.type == "cpu" and z.dtype != torch.float32:
-        return ["the Triton interpreter runs these kernels in float32 only (fp16/bf16 run on a GPU)"]
-    return []
-
 
 def _probe_stats(device: str, dtype: torch.dtype) -> dict:
     return dict(z=torch.empty(2, 8, 64, device=device, dtype=dtype),
@@ -66,7 +63,7 @@ _backend.declare(
     OP, primary="z", probe=_probe_stats,
     torch=_backend.Capability(dtypes=REFERENCE_DTYPES),
     cpu=_backend.Capability(devices=("cpu",), dtypes=KERNEL_DTYPES, needs="_C.cpu", kernels=("code_stats",)),
-    triton=_backend.Capability(dtypes=KERNEL_DTYPES, needs="triton", limit=_interpreter_float32_only),
+    triton=_backend.Capability(dtypes=KERNEL_DTYPES, needs="triton", limit=interpreter_float32_only),
     cuda=_backend.Capability(devices=("cuda",), dtypes=KERNEL_DTYPES, needs="_C.cuda", kernels=("code_stats",)),
 )
 _backend.declare(
@@ -83,10 +80,7 @@ _backend.declare(
 # indices (B, T) -> (counts (K,), sums (K, D)); the C++ kernels read z in place, the reference and
 # Triton take contiguous (N, D) rows. code_usage: indices (N,) contiguous -> (counts, perplexity).
 
-def _triton():
-    from . import triton as tr
-
-    return tr
+_triton = triton_module(__name__)
 
 
 def _stats_c(z, indices, num_codes):
@@ -268,7 +262,8 @@ def code_usage(indices: torch.Tensor, num_codes: int, *, backend: str | None = N
     """Histogram of code indices and taming's perplexity, by a fused count (no one-hot).
 
     Returns ``counts`` int64 (K,) and ``perplexity`` float32 0-d: ``exp(-sum p log(p + 1e-10))`` with
-    ``p = counts / N`` (1.0 when there are no indices). Indices outside [0, num_codes) raise IndexError.
+    ``p = counts / N`` (1.0 when there are no indices). Indices outside [0, num_codes) raise IndexError (on CUDA
+    tensors: see the module's docstring).
     """
     check_tensor(indices, "indices", dtype=torch.int64)
     check_num_codes(num_codes)

@@ -12,8 +12,9 @@ float32 atomic adds of the rows widened to float32.
 NONDETERMINISM: the float atomics add rows in whatever order the programs run, so the last bits of the
 sums may differ between runs on a GPU (the counts are exact). Use the ``cpu`` (or ``torch``) backend
 where bit-reproducibility matters.
-Index range: checked by the launcher (one min/max over the indices, which synchronises a GPU); inside
-the kernels an out-of-range index is masked, never dereferenced.
+Index range: checked by the launcher, on CUDA tensors on the device without a host sync (a device-side assert;
+VQKERNELS_SYNC_INDEX_CHECK=1 reads min/max back and raises IndexError instead: see ops/_triton_index.py), on CPU
+tensors (the interpreter) with an IndexError; inside the kernels an out-of-range index is masked, never dereferenced.
 """
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .._checks import KERNEL_DTYPES, check_index_range
+from .._checks import KERNEL_DTYPES
 from .._launch import block_d, device_guard
+from .._triton_index import check_index_range
 from .reference import perplexity_from_counts
 
 BLOCK_N = 32

@@ -5,8 +5,8 @@ stream over the weights, and a general GEMM at M = 8 reads them at about half th
 :class:`PackedLinear` picks its backend once, when it is built from a weight (``vqkernels._backend``, op
 ``"linear"``), and prepares the weight for it:
 
-- ``torch``: ``F.linear`` on the weight itself (no copy). The reference, and what runs on a GPU (cuBLAS takes
-  either layout at full speed), in any dtype, and wherever a gradient is needed.
+- ``torch``: reference.py (``F.linear`` on the weight itself, no copy): the spec, and what runs on a GPU (cuBLAS
+  takes either layout at full speed), in any dtype, and wherever a gradient is needed.
 - ``cpu``: float32, our C++ kernel (csrc/cpu/linear.cpp) over the weight packed into (ceil(N / 32), K, 32)
   column panels (:func:`pack_weight`, one copy of the weight), for calls of at most :data:`MAX_ROWS` rows;
   more rows (a prompt's prefill) and calls that need a gradient go to ``F.linear`` on the weight. Chosen
@@ -14,15 +14,22 @@ stream over the weights, and a general GEMM at M = 8 reads them at about half th
 
 The packed copy is a snapshot: a :class:`PackedLinear` built before the weight changes computes with the
 old values (``vqkernels.nn.inference_weights`` builds them for the length of one ``with`` block).
+
+Registered op: ``vqkernels::linear`` ``(x (M, K), weight, bias, out_features, backend) -> y (M, N)``, with a fake
+implementation (``opcheck``, ``torch.compile(fullgraph=True)``); ``weight`` is what the backend was prepared with
+(the weight itself for ``torch``, the packed panels for ``cpu``). Unlike the other ops, the backend is chosen once,
+when the :class:`PackedLinear` is built, not per call, and an eager call goes to the backend's implementation
+directly, without the op's Python dispatch: a decoding step makes a few calls per layer on a few rows, where the
+dispatch (``_backend.select`` and a custom op's call, tens of microseconds each on these CPUs) would cost as much
+as the kernel. Under ``torch.compile`` the call is the registered op, so a graph holds it.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
-import torch.nn.functional as F
 
 from ... import _backend
+from .._custom_op import custom_op
+from .reference import linear_reference
 
 OP = "linear"
 PANEL = 32  # output columns per packed panel (csrc/cpu/linear.cpp kPanel)
@@ -66,12 +73,31 @@ _backend.declare(
 )
 
 
-@functools.lru_cache(maxsize=None)
-def _register_fake() -> None:
-    """Shape function of the C++ op, so that a compiled graph can hold it (once, after _C is loaded)."""
-    @torch.library.register_fake("vqkernels_C::linear_packed")
-    def _(x, w_packed, bias, out_features):
-        return x.new_empty((x.shape[0], out_features))
+# ---------------------------------------------------------------------------------------------
+# The implementations, by backend name: (x (M, K) contiguous, the weight as the backend prepared it, bias (N,) or
+# None, out_features N) -> y (M, N).
+
+def _linear_torch(x, weight, bias, out_features):
+    return linear_reference(x, weight, bias)
+
+
+def _linear_c(x, w_packed, bias, out_features):
+    _backend.c_extension()  # (cached) loads _C, which registers torch.ops.vqkernels_C.linear_packed
+    return torch.ops.vqkernels_C.linear_packed(x, w_packed, bias, out_features)
+
+
+_IMPLS = {"torch": _linear_torch, "cpu": _linear_c}
+
+
+@custom_op("vqkernels::linear", mutates_args=())
+def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_features: int,
+               backend: str) -> torch.Tensor:
+    return _IMPLS[backend](x, weight, bias, out_features)
+
+
+@_linear_op.register_fake
+def _(x, weight, bias, out_features, backend):
+    return x.new_empty((x.shape[0], out_features))
 
 
 class PackedLinear:
@@ -109,7 +135,6 @@ class PackedLinear:
         self._bias_packed = None
         if self.backend == "cpu":
             _backend.c_extension()
-            _register_fake()
             with torch.no_grad():
                 self._packed = pack_weight(weight)
                 self._bias_packed = None if bias is None else bias.detach().contiguous()
@@ -128,11 +153,14 @@ class PackedLinear:
         rows = x.numel() // self.in_features
         if (self._packed is None or rows > MAX_ROWS
                 or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
-            return F.linear(x, self.weight, self.bias)
+            return linear_reference(x, self.weight, self.bias)  # the torch backend: F.linear, autograd included
         x2 = x.reshape(rows, self.in_features)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
-        y = torch.ops.vqkernels_C.linear_packed(x2, self._packed, self._bias_packed, self.out_features)
+        if torch.compiler.is_compiling():
+            y = _linear_op(x2, self._packed, self._bias_packed, self.out_features, self.backend)
+        else:  # eager: the implementation itself, without the op's dispatch (see the module's docstring)
+            y = _IMPLS[self.backend](x2, self._packed, self._bias_packed, self.out_features)
         return y.view(*x.shape[:-1], self.out_features)
 
 

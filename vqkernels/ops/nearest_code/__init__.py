@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from ... import _backend
 from .._checks import KERNEL_DTYPES, MAX_CODES, REFERENCE_DTYPES, check_choice, check_vectors_and_codebook
 from .._custom_op import custom_op
+from .._launch import triton_module
 from .reference import nearest_code_reference
 
 OP = "nearest_code"
@@ -73,10 +74,11 @@ def _run_c(x, codebook, metric, allow_tf32):
     return tuple(torch.ops.vqkernels_C.nearest_code(x, codebook, metric, allow_tf32))
 
 
-def _run_triton(x, codebook, metric, allow_tf32):
-    from .triton import nearest_code_triton
+_triton = triton_module(__name__)
 
-    return nearest_code_triton(x, codebook, metric, allow_tf32)
+
+def _run_triton(x, codebook, metric, allow_tf32):
+    return _triton().nearest_code_triton(x, codebook, metric, allow_tf32)
 
 
 _IMPLS = {"torch": _run_torch, "cpu": _run_c, "cuda": _run_c, "triton": _run_triton}

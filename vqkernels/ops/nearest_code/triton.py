@@ -38,9 +38,7 @@ share BLOCK_N / BLOCK_K so the grid and the split-K workspace do not depend on t
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import os
 
 import torch
@@ -48,6 +46,7 @@ import triton
 import triton.language as tl
 
 from ... import _backend
+from .._launch import device_guard, num_sms
 
 # ---------------------------------------------------------------------------------------------
 # Kernels. Signature order: pointers, sizes, then UPPER_CASE constexprs.
@@ -300,11 +299,6 @@ _MIN_TILES_PER_SPLIT = 4
 _AUTOTUNE_MIN_WORK = 1 << 32
 
 
-@functools.lru_cache(maxsize=None)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _split_count(row_tiles: int, k_tiles: int, num_sms: int) -> int:
     """How many code-range splits: only when the row tiles fill at most half of the SMs."""
     if row_tiles * 2 > num_sms or k_tiles < 2 * _MIN_TILES_PER_SPLIT:
@@ -376,7 +370,7 @@ def nearest_code_triton(
     row_tiles = triton.cdiv(N, bn)
     k_tiles = triton.cdiv(K, bk)
     if split is None:
-        sms = _INTERP_SMS if (interp or dev.type != "cuda") else _num_sms(dev.index if dev.index is not None
+        sms = _INTERP_SMS if (interp or dev.type != "cuda") else num_sms(dev.index if dev.index is not None
                                                                           else torch.cuda.current_device())
         split = _split_count(row_tiles, k_tiles, sms)
     split = max(1, min(int(split), k_tiles, 65535))  # grid axis 1 holds at most 65535
@@ -385,7 +379,7 @@ def nearest_code_triton(
     use_split = split > 1
 
     # Launch on x's GPU, whichever device is current.
-    with (torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()):
+    with device_guard(dev):
         if metric == 0:
             cnorm = torch.empty(K, dtype=torch.float32, device=dev)
             _nearest_code_cnorm_kernel[(triton.cdiv(K, _AUX_BLOCK_R),)](

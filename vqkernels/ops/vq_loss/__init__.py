@@ -19,8 +19,12 @@ Backends of vq_loss: ``torch`` (reference.py: the spec), ``cpu`` (C++, csrc/cpu/
 bit-identical for any thread count), ``triton`` (triton.py) and ``cuda`` (CUDA C++, csrc/cuda/vq_loss_kernels.cu,
 through the same ``torch.ops.vqkernels_C`` ops vq_loss_fwd / vq_loss_bwd as ``cpu``, which route by device).
 On ``triton`` and ``cuda`` the codebook gradient is a float32 atomic add, so its last bits may differ from run
-to run (the loss, z_q and grad_z are deterministic). Indices outside [0, K) raise ``IndexError`` on every
-backend (the GPU backends read the indices' min/max back to the host for it: one sync per op call).
+to run (the loss, z_q and grad_z are deterministic). Indices outside [0, K) are never dereferenced. On CPU
+tensors they raise ``IndexError`` on every backend; on CUDA tensors ``cuda`` and ``triton`` check them on the
+device without a host sync (a device-side assert, as torch's own index ops on CUDA; the error ends the CUDA
+context), and ``VQKERNELS_SYNC_INDEX_CHECK=1`` makes them read the indices' min/max back and raise ``IndexError``
+instead (one sync per op call: for debugging). The ``torch`` backend (the reference) raises ``IndexError`` on any
+device, after reading them back.
 
 The fused forward of vector_quantize: ``cpu`` only (C++ vector_quantize_fwd, csrc/cpu/vq_fused.cpp: float32
 on a CPU with AVX-512). Where it cannot run, vector_quantize is composed (``fallback="compose"``):
@@ -34,6 +38,7 @@ import torch.nn.functional as F
 from ... import _backend
 from .._checks import KERNEL_DTYPES, REFERENCE_DTYPES, check_choice, check_indices, check_vectors_and_codebook
 from .._custom_op import custom_op
+from .._launch import interpreter_float32_only, triton_module
 from .._layout import acc_dtype, as_btd, flat_rows, like
 from ..nearest_code import METRICS, nearest_code, normalize
 from .reference import vq_loss_bwd_reference, vq_loss_fwd_reference
@@ -45,12 +50,6 @@ OP_VQ = "vector_quantize"  # the fused forward: search + gather + loss in one pa
 # ---------------------------------------------------------------------------------------------
 # What each backend can take, over the ops' named arguments:
 #   vq_loss: z (B, T, D), codebook (K, D), indices (B, T);   vector_quantize: z (B, T, D), codebook (K, D)
-
-def _interpreter_float32_only(z, **_):
-    if z.device.type == "cpu" and z.dtype != torch.float32:
-        return ["the Triton interpreter runs the vq_loss kernels in float32 only (fp16/bf16 run on a GPU)"]
-    return []
-
 
 def _fused_limit(z, **_):
     if z.shape[-1] == 0:
@@ -74,7 +73,7 @@ _backend.declare(
     OP, primary="z", probe=_probe_loss,
     torch=_backend.Capability(dtypes=REFERENCE_DTYPES),
     cpu=_backend.Capability(devices=("cpu",), dtypes=KERNEL_DTYPES, needs="_C.cpu", kernels=_LOSS_KERNELS),
-    triton=_backend.Capability(dtypes=KERNEL_DTYPES, needs="triton", limit=_interpreter_float32_only),
+    triton=_backend.Capability(dtypes=KERNEL_DTYPES, needs="triton", limit=interpreter_float32_only),
     cuda=_backend.Capability(devices=("cuda",), dtypes=KERNEL_DTYPES, needs="_C.cuda", kernels=_LOSS_KERNELS),
 )
 _backend.declare(
@@ -91,10 +90,7 @@ _backend.declare(
 # come back in z's layout, as torch.empty_like(z) gives it); the reference and Triton work on contiguous
 # (N, D) rows and write the result into that layout.
 
-def _triton():
-    from . import triton as tr
-
-    return tr
+_triton = triton_module(__name__)
 
 
 def _fwd_c(z, codebook, indices, scale):
@@ -284,7 +280,8 @@ def vq_loss(
     Args:
         z: (..., D) float32, float16 or bfloat16 (float64 on the ``torch`` backend); any strides.
         codebook: (K, D), same dtype and device as ``z``.
-        indices: int64 of shape ``z.shape[:-1]``, values in [0, K) (else ``IndexError``).
+        indices: int64 of shape ``z.shape[:-1]``, values in [0, K) (else ``IndexError``; on CUDA tensors a
+            device-side error unless VQKERNELS_SYNC_INDEX_CHECK=1: see the module's docstring).
         beta: the weight of one of the two terms, placed as taming-transformers' ``VectorQuantizer2``:
             ``legacy=True`` (its default): ``loss = mean((sg[z_q] - z)^2) + beta * mean((z_q - sg[z])^2)``;
             ``legacy=False``: ``loss = beta * mean((sg[z_q] - z)^2) + mean((z_q - sg[z])^2)``.
