@@ -52,8 +52,9 @@ bench: build
 	    || echo "(transformers not installed: the hf-gpt2 benchmark rows will be skipped)"
 	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
-# `make demo`: trains a small VQGAN, then a small GPT, on scikit-image's photographs (~10 min on 2 CPU cores) and
-# writes pictures, loss curves and metrics.json into ./vqkernels-demo (DEMO_ARGS="--minutes 3 --overwrite", ...)
+# `make demo`: trains a small VQGAN, then a small GPT, on scikit-image's photographs (~10 min on 2 CPU cores), then a
+# VQGAN and a class-conditional LLaMA GPT on scikit-learn's digits (~4 min), and writes pictures, loss curves and
+# metrics.json into ./vqkernels-demo (DEMO_ARGS="--minutes 3 --digits-minutes 6 --overwrite", ...)
 demo: build
 	$(BIN)/vqkernels demo $(DEMO_ARGS)
 
