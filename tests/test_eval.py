@@ -71,7 +71,17 @@ def _check_ranges(r, n_images):
     assert -1 <= r["ssim"] <= 1 and r["ssim_images"] == n_images
     assert 0 < r["codes_used"] <= r["codebook_size"] == 64
     assert r["codebook_usage"] == pytest.approx(r["codes_used"] / 64)
-    assert 1 <= r["perplexity"] <= r["codes_used"] + 1e-9
+
+
+def _same_as_direct(r, model, images):
+    """The command's numbers are evaluate_tokenizer's on the same model and images (whose every metric
+    test_metrics_match_their_definitions checks against its definition)."""
+    d = ev.evaluate_tokenizer(model, images, batch_size=2, lpips=False, fid=False)
+    # other batchings sum in other orders: a float32 rounding's difference (as in the test above)
+    assert r["psnr"] == pytest.approx(d["psnr"], abs=1e-3) and r["psnr_pooled"] == pytest.approx(d["psnr_pooled"], abs=1e-3)
+    assert r["ssim"] == pytest.approx(d["ssim"], abs=1e-4)
+    assert r["codes_used"] == d["codes_used"] and r["images"] == d["images"]
+    assert r["perplexity"] == pytest.approx(d["perplexity"], rel=1e-6)  # from integer counts
 
 
 def test_metrics_match_their_definitions():
@@ -132,6 +142,8 @@ def test_main_text_and_json_every_metric(checkpoint, folder, capsys):
     assert ev.main(_args(checkpoint=checkpoint, data=folder, json=True, device="cpu", batch_size=2)) == 0
     r = json.loads(capsys.readouterr().out)
     _check_ranges(r, 4)
+    model = ev.load_tokenizer(checkpoint, "cpu")
+    _same_as_direct(r, model, list(ev.open_images(str(folder), model.config.resolution)))
     assert r["data"] == str(folder) and r["device"] == "cpu" and r["tiled"] is False
     if lpips_ok:  # the real weights are on this machine (scripts/fetch_lpips_weights.py)
         assert 0 < r["lpips"] < 2 and r["lpips_images"] == 4 and "lpips" not in r["unavailable"]
@@ -243,6 +255,7 @@ def test_run_folder_and_embedded_data(tmp_path, capsys, monkeypatch):
     assert ev.main(_args(checkpoint=run, data="embedded", max_images=3, json=True, no_lpips=True, no_fid=True)) == 0
     r = json.loads(capsys.readouterr().out)
     _check_ranges(r, 3)
+    _same_as_direct(r, _tiny_vqgan(seed=1).eval(), crops[:3])
     # the embedded held-out crops are at the model's training size, as training's held-out metrics
     assert len(crops) > 3 and {tuple(c.shape) for c in crops} == {(3, 16, 16)}
 
