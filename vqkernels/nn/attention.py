@@ -173,6 +173,18 @@ class KVCache:
         self.seqlens.add_(T)
 
 
+
+def _check_heads(n_embd: int, n_head: int, n_kv_head: int | None, attn_pdrop: float, resid_pdrop: float) -> int:
+    """The head layout and dropout rates both attention modules take; returns n_kv_head (None: n_head)."""
+    n_kv_head = n_head if n_kv_head is None else n_kv_head
+    if n_head < 1 or n_embd % n_head:
+        raise ValueError(f"n_embd ({n_embd}) must be a positive multiple of n_head ({n_head})")
+    if n_kv_head < 1 or n_head % n_kv_head:
+        raise ValueError(f"n_head ({n_head}) must be a multiple of n_kv_head ({n_kv_head})")
+    if not 0.0 <= attn_pdrop < 1.0 or not 0.0 <= resid_pdrop < 1.0:
+        raise ValueError(f"attn_pdrop and resid_pdrop must be in [0, 1), got {attn_pdrop}, {resid_pdrop}")
+    return n_kv_head
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with minGPT's parameters, on the vqkernels attention ops.
 
@@ -202,13 +214,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, n_embd: int, n_head: int, n_kv_head: int | None = None, attn_pdrop: float = 0.0,
                  resid_pdrop: float = 0.0, bias: bool = True, n_unmasked: int = 0):
         super().__init__()
-        n_kv_head = n_head if n_kv_head is None else n_kv_head
-        if n_head < 1 or n_embd % n_head:
-            raise ValueError(f"n_embd ({n_embd}) must be a positive multiple of n_head ({n_head})")
-        if n_kv_head < 1 or n_head % n_kv_head:
-            raise ValueError(f"n_head ({n_head}) must be a multiple of n_kv_head ({n_kv_head})")
-        if not 0.0 <= attn_pdrop < 1.0 or not 0.0 <= resid_pdrop < 1.0:
-            raise ValueError(f"attn_pdrop and resid_pdrop must be in [0, 1), got {attn_pdrop}, {resid_pdrop}")
+        n_kv_head = _check_heads(n_embd, n_head, n_kv_head, attn_pdrop, resid_pdrop)
         if n_unmasked < 0:
             raise ValueError(f"n_unmasked must be >= 0, got {n_unmasked}")
         self.n_embd, self.n_head, self.n_kv_head = n_embd, n_head, n_kv_head
@@ -334,13 +340,7 @@ class RotaryCausalSelfAttention(nn.Module):
     def __init__(self, n_embd: int, n_head: int, n_kv_head: int | None = None, attn_pdrop: float = 0.0,
                  resid_pdrop: float = 0.0):
         super().__init__()
-        n_kv_head = n_head if n_kv_head is None else n_kv_head
-        if n_head < 1 or n_embd % n_head:
-            raise ValueError(f"n_embd ({n_embd}) must be a positive multiple of n_head ({n_head})")
-        if n_kv_head < 1 or n_head % n_kv_head:
-            raise ValueError(f"n_head ({n_head}) must be a multiple of n_kv_head ({n_kv_head})")
-        if not 0.0 <= attn_pdrop < 1.0 or not 0.0 <= resid_pdrop < 1.0:
-            raise ValueError(f"attn_pdrop and resid_pdrop must be in [0, 1), got {attn_pdrop}, {resid_pdrop}")
+        n_kv_head = _check_heads(n_embd, n_head, n_kv_head, attn_pdrop, resid_pdrop)
         self.n_embd, self.n_head, self.n_kv_head = n_embd, n_head, n_kv_head
         self.head_dim = n_embd // n_head
         self.attn_pdrop = attn_pdrop
