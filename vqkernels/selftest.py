@@ -406,6 +406,52 @@ def _code_usage(chk: Checker, backend, device, dtype):
             chk.close("perplexity", perplexity.reshape(()), torch.exp(-(p * torch.log(p + 1e-10)).sum()), atol=2e-6)
 
 
+@cases("residual_vq", dtypes=(torch.float32,))
+def _residual_vq(chk: Checker, backend, device, dtype):
+    from .ops.residual_vq import residual_vq
+
+    # small integers: every distance and residual is exact in float32, so the stages' choices (ties included:
+    # the lowest index) must equal the reference's exactly, whatever the summation order
+    for i, (N, D, Q, K) in enumerate([(37, 19, 3, 13), (130, 64, 4, 40)]):
+        with chk.case(f"N={N} D={D} Q={Q} K={K} integer-valued, ties"):
+            g = _gen(900 + i)
+            x = torch.randint(-4, 5, (N, D), generator=g).to(device=device, dtype=dtype)
+            cbs = torch.randint(-3, 4, (Q, K, D), generator=g).to(device=device, dtype=dtype)
+            chk.require(x=x, codebooks=cbs)
+            g_q, g_e = _randn((N, D), dtype, device, 910 + i), _randn((Q,), dtype, device, 920 + i)
+            outs = []
+            for b, xx, gq, ge in ((backend, x, g_q, g_e), ("torch", x.double(), g_q.double(), g_e.double())):
+                xr = xx.detach().clone().requires_grad_(True)
+                idx, quant, err = residual_vq(xr, cbs.to(xx.dtype), backend=b)
+                (dx,) = torch.autograd.grad((quant * gq).sum() + (err * ge).sum(), (xr,))
+                outs.append((idx, quant, err, dx))
+            (idx, quant, err, dx), (ridx, rquant, rerr, rdx) = outs
+            chk.exact("indices", idx, ridx)
+            chk.exact("quantized", quant, rquant)
+            chk.exact("squared errors", err, rerr)
+            chk.close("grad x", dx, rdx)
+
+
+@cases("lfq_entropy")
+def _lfq_entropy(chk: Checker, backend, device, dtype):
+    from .ops.lfq_entropy import lfq_entropy
+
+    for i, (N, C, d) in enumerate([(37, 2, 5), (64, 1, 11)]):
+        with chk.case(f"N={N} C={C} d={d}: per-sample and codebook entropy, gradient"):
+            x = _randn((N, C, d), dtype, device, 950 + i)
+            chk.require(x=x)
+            res = []
+            for b, xx in ((backend, x), ("torch", x.double())) + ((("torch", x),) if dtype == torch.float32 else ()):
+                xr = xx.detach().clone().requires_grad_(True)
+                ps, cb = lfq_entropy(xr, scale=2.0, backend=b)
+                (dx,) = torch.autograd.grad(0.7 * ps + 1.3 * cb, (xr,))
+                res.append((ps, cb, dx))
+            ours, ref = res[0], res[1]
+            pt = res[2] if len(res) > 2 else (None, None, None)
+            for name, o, r, p in zip(("per-sample entropy", "codebook entropy", "grad x"), ours, ref, pt):
+                chk.close(name, o, r, p)
+
+
 @cases("linear")
 def _linear(chk: Checker, backend, device, dtype):
     import torch.nn.functional as F
