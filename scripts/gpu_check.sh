@@ -57,7 +57,7 @@ stage_what() {
 stage_tests() {
   case "$1" in
     tests-gpu) echo "tests/test_gpu_only.py tests/test_selftest.py tests/test_backend.py" ;;
-    tests-kernels) echo "tests/test_nearest_code.py tests/test_vq_loss.py tests/test_attention.py tests/test_attention_triton.py tests/test_nn_quantizer.py tests/test_nn_attention.py" ;;
+    tests-kernels) echo "tests/test_nearest_code.py tests/test_vq_loss.py tests/test_attention.py tests/test_attention_triton.py tests/test_nn_quantizer.py tests/test_nn_attention.py tests/test_lfq.py tests/test_lfq_entropy_cuda.py" ;;
     *) echo "" ;;
   esac
 }

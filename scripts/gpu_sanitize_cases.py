@@ -45,6 +45,14 @@ def _cases(torch, vqk):
                 vqk.code_usage(idx, 67, backend=backend)
             cases.append((f"vq_loss+stats[{backend},{dtype}]", loss))
 
+            # lfq_entropy: one tile and no split; several tiles, a row split and Z > 1; tiles narrower than 64
+            for (N, C, d) in ((37, 2, 5), (300, 1, 14), (70, 3, 1)):
+                def lfq(backend=backend, dtype=dtype, N=N, C=C, d=d):
+                    x = (rnd(N, C, d, dtype=dtype) * 0.5).requires_grad_()
+                    ps, cb = vqk.lfq_entropy(x, scale=4.0, backend=backend)
+                    (0.7 * ps - 1.3 * cb).backward()
+                cases.append((f"lfq_entropy[{backend},{dtype},{N}x{C}x{d}]", lfq))
+
             try:
                 from vqkernels.ops.attention import attention, attention_with_kv_cache
             except Exception:  # noqa: BLE001 -- not in this checkout

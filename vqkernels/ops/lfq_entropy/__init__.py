@@ -34,7 +34,8 @@ The math (vector-quantize-pytorch 1.32's ``LFQ``, checked against its source):
     costs one GEMM (see benchmarks/suites/lfq.py for the numbers), so it is unnecessary.
 
 Backends: ``torch`` (reference.py, chunked), ``cpu`` (C++ csrc/cpu/lfq_entropy.cpp: fused tables +
-torch's BLAS; float32 and float64), ``triton`` and ``cuda`` where built.
+torch's BLAS; float32 and float64), ``triton`` (triton.py) and ``cuda`` (csrc/cuda/lfq_entropy_kernels.cu: the
+GEMMs fused with the tables' construction, fp32 FMAs; float16/bfloat16 read as they are) where built.
 """
 from __future__ import annotations
 
@@ -67,8 +68,8 @@ _backend.declare(
 
 # ---------------------------------------------------------------------------------------------
 # Implementations by backend: fwd (x (N, C, d) contiguous, scale, eps) -> (per_sample, codebook, pbar (C, 2^d));
-# bwd (grad_ps, grad_cb, x, pbar, scale, eps) -> grad_x (N, C, d) in x's dtype. The kernels take float32
-# (float16/bfloat16 are widened here: the sums run in float32 anyway).
+# bwd (grad_ps, grad_cb, x, pbar, scale, eps) -> grad_x (N, C, d) in x's dtype. The cpu and triton kernels take
+# float32 (float16/bfloat16 are widened here: the sums run in float32 anyway); the cuda kernels read x as it is.
 
 def _widen(x):
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
@@ -87,6 +88,18 @@ def _bwd_c(grad_ps, grad_cb, x, pbar, scale, eps):
     return g.to(x.dtype)
 
 
+def _fwd_cuda(x, scale, eps):
+    # csrc/cuda/lfq_entropy.cpp: float16/bfloat16 read as they are (no widened copy), float32 results
+    _backend.c_extension()
+    return tuple(torch.ops.vqkernels_C.lfq_entropy_fwd(x, scale, eps))
+
+
+def _bwd_cuda(grad_ps, grad_cb, x, pbar, scale, eps):
+    # the upstream gradients stay on the device (the kernels read them there: no host sync); grad_x in x's dtype
+    _backend.c_extension()
+    return torch.ops.vqkernels_C.lfq_entropy_bwd(grad_ps.float(), grad_cb.float(), x, pbar.float(), scale, eps)
+
+
 def _fwd_triton(x, scale, eps):
     from .triton import lfq_entropy_fwd_triton
 
@@ -99,8 +112,8 @@ def _bwd_triton(grad_ps, grad_cb, x, pbar, scale, eps):
     return lfq_entropy_bwd_triton(grad_ps.float(), grad_cb.float(), _widen(x), pbar, scale, eps).to(x.dtype)
 
 
-_FWD = {"torch": lfq_entropy_fwd_reference, "cpu": _fwd_c, "cuda": _fwd_c, "triton": _fwd_triton}
-_BWD = {"torch": lfq_entropy_bwd_reference, "cpu": _bwd_c, "cuda": _bwd_c, "triton": _bwd_triton}
+_FWD = {"torch": lfq_entropy_fwd_reference, "cpu": _fwd_c, "cuda": _fwd_cuda, "triton": _fwd_triton}
+_BWD = {"torch": lfq_entropy_bwd_reference, "cpu": _bwd_c, "cuda": _bwd_cuda, "triton": _bwd_triton}
 
 
 @custom_op("vqkernels::lfq_entropy", mutates_args=())
