@@ -103,7 +103,7 @@ TORCH_LIBRARY_FRAGMENT(vqkernels_C, m) {
 }
 
 // lfq_entropy (csrc/cpu/lfq_entropy.cpp, csrc/cuda/lfq_entropy.cpp; math in vqkernels/ops/lfq_entropy). x (N, C, d)
-// float32 (float64 on the CPU), C codebooks of d bits (1 <= d <= 30); bit logits scale * x. Forward: (per_sample 0-d,
+// float32 (float64 on the CPU; float16/bfloat16 on CUDA), C codebooks of d bits (1 <= d <= 30); bit logits scale * x. Forward: (per_sample 0-d,
 // codebook 0-d, pbar (C, 2^d): each codebook's batch-mean code distribution), the codebook entropy with VQP's
 // clamp -sum pbar log max(pbar, eps). Backward: grad_x (N, C, d) from the two scalars' upstream gradients and pbar.
 TORCH_LIBRARY_FRAGMENT(vqkernels_C, m) {
