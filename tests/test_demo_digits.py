@@ -194,6 +194,14 @@ def test_run_digits_writes_both_runs_the_grid_and_the_figures(tmp_path, monkeypa
     assert m["samples_per_class"] == 2 and m["cfg_scale"] == demo.DIGITS_CFG_SCALE
     assert {"agreement_unguided", "agreement_guided", "classifier_held_out_accuracy", "held_out_psnr_db"} <= set(m)
     assert m["training"]["vqgan_steps"] >= 1 and m["training"]["gpt_steps"] >= 1
+    # the classifier on the held-out digits' reconstructions, recomputed from the written VQGAN
+    from vqkernels.digits import DigitClassifier, digits_split
+    from vqkernels.runs import load_model
+
+    vq, held = load_model(str(tmp_path / "digits-vqgan"), "vqgan", "cpu"), digits_split(demo.DIGITS_SIZE).held_out
+    with torch.no_grad():
+        rec = vq(held.images)[0].float().clamp(-1, 1)
+    assert m["classifier_on_reconstructions"] == round(DigitClassifier(demo.DIGITS_SIZE).accuracy(rec, held.labels), 4)
     assert any("recognises" in line for line in lines)
     # the run folders are what `sample` takes, with the demo's guidance as the default
     assert cli.main(["sample", "--checkpoint", str(tmp_path / "digits-gpt"), "--class-label", "4", "--n", "2",

@@ -228,14 +228,17 @@ def run_digits(out: Path, minutes: float, dev: torch.device, seed: int = 0, prog
     echo(f"digits 2/2: LLaMA GPT over the digits' codes, class dropout {gcfg.class_dropout} ({gpt_min:.1f} min)")
     s2 = train_gpt(gcfg, overwrite=True, progress=progress)
     t2 = time.perf_counter()
-    figures = digits_figures(s2["model"].eval(), DigitClassifier(DIGITS_SIZE), dev, seed, DIGITS_CFG_SCALE,
-                             DIGITS_PER_CLASS)
+    classifier = DigitClassifier(DIGITS_SIZE)
+    figures = digits_figures(s2["model"].eval(), classifier, dev, seed, DIGITS_CFG_SCALE, DIGITS_PER_CLASS)
+    # the ceiling of the samples' figure from the tokenizer's side: the classifier on the held-out digits' codes
+    figures["classifier_on_reconstructions"] = round(classifier.accuracy(rec, split.held_out.labels), 4)
     grid = figures.pop("grid")
     save_grid(out / "digits_samples.png", [_upscale(grid, 48)], nrow=grid.shape[0] // 10)
     t3 = time.perf_counter()
     echo(f"digits: the classifier recognises {figures['agreement_guided']:.1%} of the samples as the digit asked "
          f"for with guidance (cfg_scale {DIGITS_CFG_SCALE:g}), {figures['agreement_unguided']:.1%} without; "
-         f"its own held-out accuracy {figures['classifier_held_out_accuracy']:.1%}")
+         f"its own held-out accuracy {figures['classifier_held_out_accuracy']:.1%} "
+         f"({figures['classifier_on_reconstructions']:.1%} on their reconstructions through the VQGAN)")
     return {
         "held_out_psnr_db": round(vmetrics["psnr"], 3), "held_out_digits": vmetrics["images"],
         "codes_used": vmetrics["codes_used"], "codebook_size": s1["model"].config.n_embed,
