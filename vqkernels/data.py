@@ -123,6 +123,10 @@ def _resize_short(img: torch.Tensor, short: int) -> torch.Tensor:
 # order (the 6 permutations equally likely), then its saturation scaled by a factor log-uniform in
 # COLOR_SATURATION, then its hue rotated by a uniform shift in [-COLOR_HUE, COLOR_HUE] turns of the colour circle.
 # Grey pixels stay as they are: the brightness structure of a crop is kept, its colours change.
+# Measured (issue 25, the demo's VQGAN config, 3,265 steps of 32x32 crops, 2-core CPU): as it stands it costs more
+# than it gives at that budget: held-out crops 23.2 dB with it against 27.6 dB without, and unseen photographs
+# lose colour (coffee 14.1 dB vs 23.8 tiled; their brightness is reconstructed as well as without): so it is off
+# by default and off in the demo; a gentler setting (a probability, smaller shifts) or a longer run is untested.
 COLOR_HUE = 0.5
 COLOR_SATURATION = (0.5, 1.5)
 
