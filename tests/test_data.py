@@ -277,7 +277,7 @@ def test_color_augment_config_flag_and_demo():
 
     assert VQGANTrainConfig().color_augment is False  # train-vqgan as before unless asked
     assert not hasattr(GPTTrainConfig(), "color_augment")  # the GPT trains on the codes of unaugmented crops
-    assert DEMO_VQGAN["color_augment"] is True
+    assert not DEMO_VQGAN.get("color_augment", False)  # off in the demo: it cost 4 dB at its budget (data.py)
     args = cli.build_parser().parse_args(["train-vqgan", "--color-augment"])
     assert args.color_augment is True
     assert cli.build_parser().parse_args(["train-vqgan"]).color_augment is None  # (left to the YAML / default)
