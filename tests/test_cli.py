@@ -139,6 +139,71 @@ def test_reconstruct_any_size(env, capsys, tmp_path):
     assert "odd.png: PSNR" in out and "gray.jpg: PSNR" in out and "dB" in out
 
 
+def test_reconstruct_tiles_images_larger_than_the_training_size(env, capsys, tmp_path):
+    from PIL import Image
+
+    from vqkernels.data import from_image, load_image
+    from vqkernels.tiling import reconstruct_tiled
+
+    big = tmp_path / "big.png"
+    low = np.random.default_rng(7).integers(0, 256, (6, 9, 3), dtype=np.uint8)
+    Image.fromarray(low).resize((70, 45), Image.BICUBIC).save(big)  # 45x70: larger than the 32x32 training crops
+    small = tmp_path / "small.png"
+    Image.fromarray(low).resize((30, 20), Image.BICUBIC).save(small)
+    model = R.load_model(env / "vq", "vqgan")
+    assert model.config.resolution == 32 and model.config.downsample_factor == 2
+    x = load_image(big)
+
+    def written(folder, name="big.png"):
+        with Image.open(folder / name) as im:
+            return from_image(im)
+
+    def as_png(t):  # the reconstruction as reconstruct writes it (uint8)
+        return ((t.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+
+    # by default: overlapping tiles at the training size (32, overlap 8), as vqkernels.tiling gives them
+    rc, out, err = run(capsys, "reconstruct", "--checkpoint", env / "vq", "--out", tmp_path / "a", "--device", "cpu",
+                       big, small)
+    assert rc == 0, err
+    expect = reconstruct_tiled(model, x)
+    torch.testing.assert_close(written(tmp_path / "a"), as_png(expect), rtol=0, atol=1.01 / 127.5)
+    assert "big.png: PSNR" in out and "dB (70x45, 6 tiles of 32x32, overlap >= 8" in out  # (2 x 3 tiles)
+    assert "small.png: PSNR" in out and "(30x20, whole image)" in out  # one tile or less: whole, as before
+    # --tile / --overlap: the tiler's own arguments
+    rc, out, err = run(capsys, "reconstruct", "--checkpoint", env / "vq", "--out", tmp_path / "b", "--device", "cpu",
+                       "--tile", "16", "--overlap", "2", big)
+    assert rc == 0, err
+    torch.testing.assert_close(written(tmp_path / "b"), as_png(reconstruct_tiled(model, x, tile=16, overlap=2)),
+                               rtol=0, atol=1.01 / 127.5)
+    assert "20 tiles of 16x16, overlap >= 2" in out  # (4 x 5 tiles)
+    # --no-tile: the whole image at once (the old behaviour)
+    rc, out, err = run(capsys, "reconstruct", "--checkpoint", env / "vq", "--out", tmp_path / "c", "--device", "cpu",
+                       "--no-tile", big)
+    assert rc == 0, err
+    with torch.no_grad():
+        whole = model(torch.nn.functional.pad(x[None], (0, 0, 0, 1), mode="reflect"))[0][0, :, :45]
+    torch.testing.assert_close(written(tmp_path / "c"), as_png(whole), rtol=0, atol=1.01 / 127.5)
+    assert "(70x45, whole image)" in out
+    assert not torch.equal(written(tmp_path / "a"), written(tmp_path / "c"))
+
+
+@pytest.mark.parametrize("flags, needles", [
+    (["--tile", "0"], ["--tile", "must be a positive integer, got 0"]),
+    (["--tile", "x"], ["--tile", "expected a positive integer"]),
+    (["--tile", "15"], ["--tile 15", "multiple of the model's downsampling factor 2"]),
+    (["--overlap", "-1"], ["--overlap", "must be an integer >= 0"]),
+    (["--overlap", "32"], ["--overlap 32", "smaller than the tile (32)"]),
+    (["--tile", "16", "--overlap", "16"], ["--overlap 16", "smaller than the tile (16)"]),
+    (["--no-tile", "--tile", "16"], ["--no-tile", "--tile"]),
+    (["--no-tile", "--overlap", "4"], ["--no-tile", "--overlap"]),
+])
+def test_reconstruct_bad_tiling_flags(env, capsys, tmp_path, flags, needles):
+    rc, _, err = run(capsys, "reconstruct", "--checkpoint", env / "vq", "--out", tmp_path / "o", "--device", "cpu",
+                     *flags, env / "data" / "cats" / "img0.png")
+    assert_one_line_error(rc, err, *needles)
+    assert not (tmp_path / "o").exists()  # nothing written
+
+
 def test_encode_decode_round_trip(env, capsys, tmp_path):
     from PIL import Image
 

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from vqkernels.data import (DataError, ImageFolder, SeededBatches, embedded_dataset, from_image, grid_crops,
-                            list_images, random_crop, to_image)
+from vqkernels.data import (COLOR_HUE, COLOR_SATURATION, CropsOfImages, DataError, ImageFolder, SeededBatches,
+                            color_jitter, embedded_dataset, from_image, grid_crops, list_images, open_dataset,
+                            random_color, random_crop, to_image)
 
 PIL = pytest.importorskip("PIL.Image")
 
@@ -174,3 +175,109 @@ def test_embedded_split_by_image():
     assert torch.equal(again.held_out[3], split.held_out[3])
     x = split.train[(0, 0)]
     assert x.shape == (3, 32, 32) and float(x.min()) >= -1 and float(x.max()) <= 1
+
+
+# -- colour augmentation ------------------------------------------------------------------------------
+
+def _colourful(h=24, w=28, seed=0):
+    """A smooth colourful image in [-1, 1] (three different low-frequency channels)."""
+    from torchvision.transforms import functional as TF
+
+    low = torch.rand(3, 4, 5, generator=torch.Generator().manual_seed(seed))
+    return (TF.resize(low, [h, w], antialias=True).clamp(0, 1) * 2 - 1).contiguous()
+
+
+def test_color_jitter_channel_order_is_a_permutation():
+    img = _colourful()
+    for order in [(0, 1, 2), (2, 0, 1), (1, 0, 2), (2, 1, 0)]:
+        out = color_jitter(img, 0.0, 1.0, order)
+        assert torch.equal(out, img[list(order)])
+        # the same set of values at every pixel, only in another channel
+        assert torch.equal(out.sort(0).values, img.sort(0).values)
+
+
+def test_color_jitter_keeps_structure_changes_colour():
+    img = _colourful(seed=1)
+    # a hue rotation keeps HSV's value (the largest channel) and saturation (max - min) of every pixel
+    for hue in (-0.5, -0.2, 0.1, 0.37):
+        out = color_jitter(img, hue, 1.0, (1, 2, 0))
+        torch.testing.assert_close(out.amax(0), img.amax(0), rtol=0, atol=2e-6)
+        torch.testing.assert_close(out.amax(0) - out.amin(0), img.amax(0) - img.amin(0), rtol=0, atol=4e-6)
+        assert (out - img).abs().amax() > 0.05  # the colours did change
+    # saturation blends with the grey image, which it keeps: 0 gives the grey image itself
+    grey = color_jitter(img, 0.0, 0.0)
+    assert torch.allclose(grey[0], grey[1], atol=1e-6) and torch.allclose(grey[1], grey[2], atol=1e-6)
+    lum = lambda t: 0.2989 * t[0] + 0.587 * t[1] + 0.114 * t[2]  # noqa: E731 - torchvision's grey
+    torch.testing.assert_close(lum(color_jitter(img, 0.0, 0.6)), lum(img), rtol=0, atol=1e-3)  # (no clipping)
+    # a grey image has no colour to change: it passes unchanged (to float rounding)
+    g = img.mean(0, keepdim=True).expand(3, -1, -1).contiguous()
+    torch.testing.assert_close(color_jitter(g, 0.3, 1.5, (2, 1, 0)), g, rtol=0, atol=2e-4)
+    assert float(color_jitter(img, 0.5, 1.5).min()) >= -1 and float(color_jitter(img, 0.5, 1.5).max()) <= 1
+
+
+def test_color_jitter_bad_arguments():
+    img = _colourful()
+    with pytest.raises(ValueError, match="order"):
+        color_jitter(img, 0.0, 1.0, (0, 0, 1))
+    with pytest.raises(ValueError, match="hue"):
+        color_jitter(img, 0.7)
+    with pytest.raises(ValueError, match="saturation"):
+        color_jitter(img, 0.0, -1.0)
+
+
+def test_random_color_draws_cover_the_ranges():
+    draws = [random_color(torch.Generator().manual_seed(s)) for s in range(300)]
+    assert {d[2] for d in draws} == {(0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)}
+    hues, sats = [d[0] for d in draws], [d[1] for d in draws]
+    assert -COLOR_HUE <= min(hues) < -0.8 * COLOR_HUE and 0.8 * COLOR_HUE < max(hues) <= COLOR_HUE
+    assert COLOR_SATURATION[0] <= min(sats) < 0.6 and 1.4 < max(sats) <= COLOR_SATURATION[1]
+    assert sum(s < 1 for s in sats) > 100 and sum(s > 1 for s in sats) > 100  # log-uniform: as often below as above
+
+
+def test_color_augment_is_seeded_and_keeps_the_crop():
+    img = _colourful(40, 44, seed=2)
+    a = random_crop(img, 16, seed=11, color_augment=True)
+    assert torch.equal(a, random_crop(img, 16, seed=11, color_augment=True))  # a function of the seed
+    plain = random_crop(img, 16, seed=11)
+    assert not torch.equal(a, plain)
+    # the same square and flip as without colour (its draws come after them): the augmented crop is the colour
+    # change of the plain crop, drawn from the same generator after the crop's own draws
+    g = torch.Generator().manual_seed(11)
+    torch.randint(0, 25, (1,), generator=g), torch.randint(0, 29, (1,), generator=g), torch.rand((), generator=g)
+    hue, sat, order = random_color(g)
+    torch.testing.assert_close(a, color_jitter(plain, hue, sat, order), rtol=0, atol=0)
+    state = torch.get_rng_state()
+    [random_crop(img, 16, seed=s, color_augment=True) for s in range(3)]
+    assert torch.equal(state, torch.get_rng_state())  # the global RNG is neither used nor changed
+    assert len({random_crop(img, 16, seed=s, color_augment=True).mean((1, 2)).round(decimals=3).tolist().__repr__()
+                for s in range(8)}) == 8
+
+
+def test_color_augment_off_by_default_and_on_the_datasets(tmp_path):
+    _write_images(tmp_path, np.random.default_rng(3))
+    off, on = ImageFolder(tmp_path, crop_size=16), ImageFolder(tmp_path, crop_size=16, color_augment=True)
+    i = [p.name for p in off.files].index("rgb.png")
+    img = off._image(i)
+    assert torch.equal(off[(i, 5)], random_crop(img, 16, 5))  # off: exactly the crops as before
+    assert torch.equal(on[(i, 5)], random_crop(img, 16, 5, color_augment=True))
+    assert not torch.equal(on[(i, 5)], off[(i, 5)])
+    imgs = [_colourful(30, 30, seed=k) for k in range(2)]
+    c_off, c_on = CropsOfImages(imgs, 16), CropsOfImages(imgs, 16, color_augment=True)
+    assert torch.equal(c_off[(1, 9)], random_crop(imgs[c_off.owner[1]], 16, 9))
+    assert torch.equal(c_on[(1, 9)], random_crop(imgs[c_on.owner[1]], 16, 9, color_augment=True))
+    train, held = open_dataset(str(tmp_path), 16, color_augment=True)
+    assert train.color_augment and held is None
+    assert not open_dataset(str(tmp_path), 16)[0].color_augment
+
+
+def test_color_augment_config_flag_and_demo():
+    from vqkernels import cli
+    from vqkernels.demo import DEMO_VQGAN
+    from vqkernels.runs import GPTTrainConfig, VQGANTrainConfig
+
+    assert VQGANTrainConfig().color_augment is False  # train-vqgan as before unless asked
+    assert not hasattr(GPTTrainConfig(), "color_augment")  # the GPT trains on the codes of unaugmented crops
+    assert not DEMO_VQGAN.get("color_augment", False)  # off in the demo: it cost 4 dB at its budget (data.py)
+    args = cli.build_parser().parse_args(["train-vqgan", "--color-augment"])
+    assert args.color_augment is True
+    assert cli.build_parser().parse_args(["train-vqgan"]).color_augment is None  # (left to the YAML / default)

@@ -134,3 +134,26 @@ def test_real_vqmodel_tiles_match_plain_model_per_tile():
     # with overlap and an odd size, the output is finite, the right shape and in the model's range
     out = reconstruct_tiled(model, torch.rand(3, 27, 41) * 2 - 1, overlap=6)
     assert out.shape == (3, 27, 41) and torch.isfinite(out).all()
+
+
+def test_real_vqmodel_overlapping_tiles_blend_only_at_the_seams():
+    # three overlapping tiles along a 16x40 image (starts 0, 12, 24; overlaps of 4 pixels): where one tile alone
+    # covers a pixel the output is that tile's plain reconstruction; in an overlap it is the raised-cosine blend
+    # of the two tiles (weights summing to one), so no seam is left and nothing else is changed
+    model = _small_vqmodel()
+    img = torch.rand(3, 16, 40, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    starts = tile_starts(40, 16, 4)
+    assert starts == [0, 12, 24]
+    with torch.no_grad():
+        recs = model(torch.stack([img[:, :, s:s + 16] for s in starts]))[0].double()
+    out = reconstruct_tiled(model, img, overlap=4).double()
+    ws = tile_weights(starts, 16, dtype=torch.float64)
+    torch.testing.assert_close(out[..., 0:12], recs[0][..., 0:12], rtol=0, atol=1e-6)
+    torch.testing.assert_close(out[..., 16:24], recs[1][..., 4:12], rtol=0, atol=1e-6)
+    torch.testing.assert_close(out[..., 28:40], recs[2][..., 4:16], rtol=0, atol=1e-6)
+    for a, b, s in ((0, 1, 12), (1, 2, 24)):  # the seams: columns s .. s+3
+        wa, wb = ws[a][s - starts[a]:s - starts[a] + 4], ws[b][:4]
+        torch.testing.assert_close(wa + wb, torch.ones(4, dtype=torch.float64), rtol=0, atol=1e-12)
+        blend = (recs[a][..., s - starts[a]:s - starts[a] + 4] * wa + recs[b][..., :4] * wb)
+        torch.testing.assert_close(out[..., s:s + 4], blend, rtol=0, atol=1e-6)
+        assert not torch.allclose(out[..., s:s + 4], recs[a][..., s - starts[a]:s - starts[a] + 4], atol=1e-4)

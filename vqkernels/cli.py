@@ -5,7 +5,8 @@
                                                   scikit-learn's digits; pictures and metrics.json in DIR
     vqkernels train-vqgan [--config YAML] [flags] the first stage on a folder of images (or "embedded")
     vqkernels train-gpt --vqgan DIR [flags]       the second stage over a trained VQGAN's codes
-    vqkernels reconstruct --checkpoint DIR --out DIR IMAGE...
+    vqkernels reconstruct --checkpoint DIR --out DIR [--tile N] [--overlap N] [--no-tile] IMAGE...
+                                                  (an image larger than the training size: overlapping tiles)
     vqkernels encode --checkpoint DIR --out DIR IMAGE...      images -> code indices (.npy, (h, w) int64)
     vqkernels decode --checkpoint DIR --out DIR CODES.npy...  code indices -> images (.png)
     vqkernels sample --checkpoint DIR [--n 16] [--class-label C] [--cfg-scale S] [--cfg-interval I] --out DIR
@@ -256,34 +257,71 @@ def _pad_to(x, f: int):
     return x, (H, W)
 
 
-def _vqgan_job(args, ext: str):
+def _vqgan_job(args, ext: str, check=None):
     """What reconstruct and encode share: the images (read first, so a bad one fails before any work), the VQGAN
-    checkpoint, the output folder and one output path per image, the downsampling factor and the model's device."""
+    checkpoint, the output folder and one output path per image, the downsampling factor and the model's device.
+    ``check(model)``: the command's own checks against the model, before anything is written."""
     from .runs import load_model
 
     imgs = _load_images(args.images)
     paths = [Path(p) for p in args.images]
     model = load_model(args.checkpoint, "vqgan", _device(args))
+    if check is not None:
+        check(model)
     outs = _outputs(paths, _out_dir(args.out), ext)
     return paths, imgs, model, outs, model.config.downsample_factor, next(model.parameters()).device
 
 
+def _tiling(args, model) -> tuple[int, int] | None:
+    """reconstruct's (tile, overlap) from --tile / --overlap / --no-tile (None: whole images), checked against the
+    model: the tile a multiple of its downsampling factor, the overlap below the tile. The names and defaults are
+    those of `vqkernels eval --tiled` (the training size, a quarter of the tile)."""
+    if args.no_tile:
+        given = [n for n, v in (("--tile", args.tile), ("--overlap", args.overlap)) if v is not None]
+        if given:
+            raise UsageError(f"--no-tile: cannot be combined with {' and '.join(given)} (they set the tiles)")
+        return None
+    f = int(model.config.downsample_factor)
+    tile = int(model.config.resolution) if args.tile is None else args.tile
+    if tile % f:
+        raise UsageError(f"--tile {tile}: must be a multiple of the model's downsampling factor {f} "
+                         f"(its training size is {model.config.resolution})")
+    overlap = tile // 4 if args.overlap is None else args.overlap
+    if overlap >= tile:
+        raise UsageError(f"--overlap {overlap}: must be smaller than the tile ({tile})")
+    return tile, overlap
+
+
 def _cmd_reconstruct(args) -> int:
+    import math
+
     import torch
 
     from .data import save_image
+    from .tiling import reconstruct_tiled, tile_starts
 
-    paths, imgs, model, outs, f, device = _vqgan_job(args, ".png")
+    plan = {}
+    paths, imgs, model, outs, f, device = _vqgan_job(args, ".png", check=lambda m: plan.update(t=_tiling(args, m)))
+    tiling = plan["t"]
     psnrs = []
     with torch.no_grad():
         for p, o, img in zip(paths, outs, imgs):
-            x, (H, W) = _pad_to(img[None].to(device), f)
-            rec = model(x)[0][..., :H, :W].float().clamp(-1, 1).cpu()
-            mse = float(((rec[0] - img) * 0.5).pow(2).mean())
-            psnr = 10 * __import__("math").log10(1.0 / max(mse, 1e-12))
+            H, W = img.shape[-2:]
+            if tiling is not None and max(H, W) > tiling[0]:
+                # larger than a tile: overlapping tiles at the training size (vqkernels.tiling), as it trained
+                tile, overlap = tiling
+                rec = reconstruct_tiled(model, img.to(device), tile=tile, overlap=overlap).float().clamp(-1, 1).cpu()
+                n = len(tile_starts(max(H, tile), tile, overlap)) * len(tile_starts(max(W, tile), tile, overlap))
+                how = f"{n} tiles of {tile}x{tile}, overlap >= {overlap}"
+            else:
+                x, _ = _pad_to(img[None].to(device), f)
+                rec = model(x)[0][0, :, :H, :W].float().clamp(-1, 1).cpu()
+                how = "whole image"
+            mse = float(((rec - img) * 0.5).pow(2).mean())
+            psnr = 10 * math.log10(1.0 / max(mse, 1e-12))
             psnrs.append(psnr)
-            save_image(rec[0], o)
-            print(f"{p}: PSNR {psnr:.2f} dB -> {o}")
+            save_image(rec, o)
+            print(f"{p}: PSNR {psnr:.2f} dB ({W}x{H}, {how}) -> {o}")
     if len(psnrs) > 1:
         print(f"mean PSNR {sum(psnrs) / len(psnrs):.2f} dB over {len(psnrs)} images")
     return 0
@@ -436,18 +474,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(pg, GPTTrainConfig)
     pg.set_defaults(func=_cmd_train_gpt)
 
-    def vqgan_files_command(name, help, func, inputs, metavar, checkpoint_help=None, out_help=None):
+    def vqgan_files_command(name, help, func, inputs, metavar, checkpoint_help=None, out_help=None, **kw):
         """A VQGAN command over files: --checkpoint DIR, --out DIR, --device, then the input files."""
-        pf = sub.add_parser(name, help=help, **shown)
+        pf = sub.add_parser(name, help=help, **shown, **kw)
         pf.add_argument("--checkpoint", required=True, metavar="DIR", help=checkpoint_help)
         pf.add_argument("--out", required=True, metavar="DIR", help=out_help)
         pf.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
         pf.add_argument(inputs, nargs="+", metavar=metavar)
         pf.set_defaults(func=func)
+        return pf
 
-    vqgan_files_command("reconstruct", "images through the VQGAN; prints each image's PSNR", _cmd_reconstruct,
-                        "images", "IMAGE", checkpoint_help="a train-vqgan run folder or a VQModel folder",
-                        out_help="where the reconstructions go (same file names, .png)")
+    pr = vqgan_files_command(
+        "reconstruct", "images of any size through the VQGAN; prints each image's PSNR", _cmd_reconstruct,
+        "images", "IMAGE", checkpoint_help="a train-vqgan run folder or a VQModel folder",
+        out_help="where the reconstructions go (same file names, .png)",
+        description="Images of any size through the VQGAN. An image larger than a tile (by default the model's "
+                    "training size) goes through overlapping tiles of that size, blended without seams "
+                    "(vqkernels.tiling): the model then sees what it trained on; --no-tile gives it the whole "
+                    "image at once.")
+    pr.add_argument("--tile", type=_number(int, "positive"), default=None, metavar="N",
+                    help="tile side in pixels, a multiple of the downsampling factor (default: the model's training "
+                         "size; as vqkernels eval --tiled)")
+    pr.add_argument("--overlap", type=_number(int, "nonneg"), default=None, metavar="N",
+                    help="least overlap of neighbouring tiles in pixels (default: a quarter of the tile)")
+    pr.add_argument("--no-tile", dest="no_tile", action="store_true",
+                    help="reconstruct each image whole, in one pass, whatever its size")
     vqgan_files_command("encode", "images -> code indices (<name>.npy, an (h, w) int64 array)", _cmd_encode,
                         "images", "IMAGE")
     vqgan_files_command("decode", "code indices (.npy, (h, w)) -> images (<name>.png)", _cmd_decode,

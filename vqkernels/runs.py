@@ -147,6 +147,9 @@ class VQGANTrainConfig(TrainConfig):
                                         "convolutions pay off)")
     model: dict = _field({}, "VQGANConfig fields over SMALL_VQGAN")
     loss: dict = _field({}, "VQGANLoss arguments over VQGAN_LOSS_DEFAULTS")
+    color_augment: bool = _field(False, "random colours of the training crops (channel order, saturation, hue; "
+                                 "vqkernels.data.color_jitter), so that the model does not learn the palette of "
+                                 "few photographs")
 
     kind: ClassVar[str] = "vqgan"
 

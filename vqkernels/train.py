@@ -488,7 +488,8 @@ def _autocast(device: torch.device, precision: str):
 def _open_data(cfg: TrainConfig):
     """(training set, held-out set or None) of the config's data, as vqkernels.data opens it."""
     try:
-        return open_dataset(cfg.data, cfg.crop_size, cfg.resize)
+        return open_dataset(cfg.data, cfg.crop_size, cfg.resize,
+                            color_augment=bool(getattr(cfg, "color_augment", False)))  # (a VQGAN's only)
     except DataError as e:
         raise TrainError(str(e)) from None
 
