@@ -164,6 +164,9 @@ def test_main_text_report_tiled(checkpoint, folder, capsys):
     assert lines[0].startswith("2 image(s) from") and "tiled" in lines[0]
     assert [ln.split()[0] for ln in lines[1:]] == ["psnr", "ssim", "lpips", "codebook", "rfid"]
     assert "lpips     not asked" in out
+    # --tile alone implies --tiled (it was silently ignored)
+    assert ev.main(_args(checkpoint=checkpoint, data=folder, max_images=2, tile=8, no_lpips=True, json=True)) == 0
+    assert json.loads(capsys.readouterr().out)["tiled"] is True
 
 
 def test_lpips_missing_weights_is_reported(monkeypatch):

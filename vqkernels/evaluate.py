@@ -366,8 +366,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--max-images", type=int, default=None, metavar="N", help="evaluate the first N images only")
     parser.add_argument("--tiled", action="store_true",
                         help="reconstruct through overlapping tiles at the model's training size")
-    parser.add_argument("--tile", type=int, default=None, help="tile side with --tiled (default: the training size)")
-    parser.add_argument("--overlap", type=int, default=None, help="least tile overlap with --tiled (default tile/4)")
+    parser.add_argument("--tile", type=int, default=None, help="tile side (implies --tiled; default: the training size)")
+    parser.add_argument("--overlap", type=int, default=None, help="least tile overlap (implies --tiled; default tile/4)")
     parser.add_argument("--no-lpips", action="store_true", help="skip LPIPS")
     parser.add_argument("--no-fid", action="store_true", help="skip rFID")
     parser.add_argument("--progress", action="store_true", help="a progress bar on stderr")
@@ -423,7 +423,10 @@ def run(args) -> dict:
     try:
         result = evaluate_tokenizer(model, images, batch_size=args.batch_size, device=device,
                                     lpips=not getattr(args, "no_lpips", False), fid=not getattr(args, "no_fid", False),
-                                    tiled=getattr(args, "tiled", False), tile=getattr(args, "tile", None),
+                                    # --tile / --overlap imply --tiled (they were silently ignored without it)
+                                    tiled=bool(getattr(args, "tiled", False) or getattr(args, "tile", None) is not None
+                                               or getattr(args, "overlap", None) is not None),
+                                    tile=getattr(args, "tile", None),
                                     overlap=getattr(args, "overlap", None), progress=getattr(args, "progress", False))
     except EvalError as e:
         if str(e).startswith("images: no image"):
