@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import vqkernels
-from vqkernels import ResidualVQ
+from vqkernels import ResidualVQ, _backend
 from vqkernels.ops.residual_vq import _residual_vq_op, residual_vq
 from vqkernels.ops.residual_vq.reference import residual_vq_backward_reference, residual_vq_reference
 from vqkernels.nn.residual_vq import _UNSUPPORTED_RVQ_OPTIONS
@@ -208,6 +208,60 @@ def test_cpu_kernel_is_thread_count_independent():
     require(OP, "cpu", x=x, codebooks=cbs)
     a, b = with_threads(lambda: residual_vq(x, cbs, backend="cpu"))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def _screen_inputs(kind, N, Q, K, D, seed):
+    """Integer data (every score exact in float32) built to stress a screen's bound: many exact ties
+    (duplicate codes, small integers), the first stage far from the origin (offset: ||x|| ||c|| is ~1e3x
+    the gaps between scores), or a stage whose codebook holds a NaN code (that stage cannot be screened)."""
+    x, cbs = _int_inputs(N, Q, K, D, seed=seed)
+    cbs[:, K // 2: K // 2 + 5] = cbs[:, 2:7]  # more exact duplicates, at higher indices
+    if kind == "offset":
+        x, cbs[0] = x + 40.0, cbs[0] + 40.0  # products < 2^11, sums of D of them < 2^24: still exact
+    elif kind == "nan_code":
+        cbs[1, 3, 0] = float("nan")
+    return x, cbs
+
+
+@pytest.mark.parametrize("screen", ["int8", "bf16"])
+@pytest.mark.parametrize("kind", ["ties", "offset", "nan_code"])
+def test_cpu_screened_search_is_exact(screen, kind, monkeypatch):
+    """On AVX-512 CPUs the C++ kernel screens each stage's search (int8 on avx512_vnni, bf16 on
+    avx512_bf16 with VQKERNELS_CPU_NO_VNNI=1): it must still return exactly the reference's indices,
+    lowest index on ties, and the same as its plain fp32 path (VQKERNELS_CPU_NO_SCREEN=1). The search
+    counters show that the screen ran, on every stage it can bound."""
+    if not _backend.has_cpu_kernels():
+        pytest.skip("vqkernels._C was not built")
+    C = _backend.c_extension()
+    f = C.cpu_features()
+    if not f.get("avx512_vnni" if screen == "int8" else "avx512_bf16"):
+        pytest.skip(f"the {screen} screen needs this CPU feature")
+    monkeypatch.delenv("VQKERNELS_CPU_NO_SCREEN", raising=False)
+    if screen == "int8":
+        monkeypatch.delenv("VQKERNELS_CPU_NO_VNNI", raising=False)
+    else:
+        monkeypatch.setenv("VQKERNELS_CPU_NO_VNNI", "1")
+    N, Q, K, D = 300, 4, 257, 40  # D >= 32: both screens apply
+    x, cbs = _screen_inputs(kind, N, Q, K, D, seed=7)
+    require(OP, "cpu", x=x, codebooks=cbs)
+    before = dict(C.search_stats())
+    idx, quant, err, counts, sums = residual_vq(x, cbs, backend="cpu", return_stats=True)
+    after = dict(C.search_stats())
+    screened = Q - 1 if kind == "nan_code" else Q
+    assert after["screened_rows"] - before["screened_rows"] == N * screened
+    assert after["int8_rows"] - before["int8_rows"] == (N * screened if screen == "int8" else 0)
+    if kind == "nan_code":
+        assert bool((idx[:, 1] != 3).all())
+    else:
+        ridx, rquant, rerr, rcounts, rsums = residual_vq_reference(x.double(), cbs.double(), True)
+        assert torch.equal(idx, ridx)
+        assert torch.equal(quant, rquant.float()) and torch.equal(err, rerr)
+        assert torch.equal(counts, rcounts) and torch.equal(sums, rsums)
+    monkeypatch.setenv("VQKERNELS_CPU_NO_SCREEN", "1")
+    plain = residual_vq(x, cbs, backend="cpu", return_stats=True)
+    assert dict(C.search_stats())["screened_rows"] == after["screened_rows"]
+    for a, b in zip((idx, quant, err, counts, sums), plain):
+        assert torch.equal(a, b)
 
 
 # ---------------------------------------------------------------------------------------------

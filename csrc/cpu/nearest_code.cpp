@@ -476,7 +476,7 @@ std::unique_ptr<Fp32Search::Scratch, void (*)(Fp32Search::Scratch*)> Fp32Search:
 bool Fp32Search::screened() const { return impl_->screen; }
 
 #if VQK_X86 && defined(__GNUC__)
-Fp32Search::Fp32Search(const at::Tensor& codebook, int64_t metric) : impl_(new Impl()) {
+Fp32Search::Fp32Search(const at::Tensor& codebook, int64_t metric, bool centre) : impl_(new Impl()) {
   TORCH_CHECK(cpu_avx512(), "cpu nearest_code: the fp32 search kernel needs AVX-512");
   TORCH_CHECK(codebook.scalar_type() == at::kFloat && codebook.is_contiguous() && codebook.dim() == 2,
               "cpu nearest_code: internal error (codebook must be a contiguous float32 (K, D) tensor)");
@@ -510,7 +510,7 @@ Fp32Search::Fp32Search(const at::Tensor& codebook, int64_t metric) : impl_(new I
     return std::all_of(cn2.begin(), cn2.begin() + K, [](float v) { return v <= kTameNorm2; });
   };
   m.screen = m.screen && all_tame();
-  if (m.screen && metric == kL2) {  // centre: mu = the codebook mean, ecb = codes - mu
+  if (m.screen && metric == kL2 && centre) {  // centre: mu = the codebook mean, ecb = codes - mu
     std::vector<double> sum((size_t)D, 0.0);
     for (int64_t j = 0; j < K; ++j)
       for (int64_t d = 0; d < D; ++d) sum[d] += cb[j * D + d];
@@ -840,7 +840,7 @@ void Fp32Search::search_i8(const float* x, int64_t ldx, int64_t nr, int64_t* idx
   g_rescored.fetch_add(rescored, std::memory_order_relaxed);
 }
 #else
-Fp32Search::Fp32Search(const at::Tensor&, int64_t) : impl_(new Impl()) {
+Fp32Search::Fp32Search(const at::Tensor&, int64_t, bool) : impl_(new Impl()) {
   TORCH_CHECK(false, "cpu nearest_code: the fp32 search kernel needs an x86-64 CPU with AVX-512");
 }
 void Fp32Search::search(const float*, int64_t, int64_t, int64_t*, float*, Scratch&) const {}

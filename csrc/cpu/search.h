@@ -19,10 +19,16 @@ constexpr int64_t kSearchBlockRows = 64;
 // Exact fp32 search: for each row the code with the lowest fp32 score (lowest index among equal
 // scores; see csrc/common.h), and its distance. Needs has_avx512(). Construct once per call (packs
 // the codebook, in parallel), then call search() from any number of threads, each with its own Scratch.
+// centre (l2 only): the screens centre rows and codes on the codebook mean, and the exact scores are
+// then those of the centred vectors (same distances in exact arithmetic, not always the same fp32
+// bits). centre = false keeps the input vectors: the exact score is fma(-2, <x, c>, ||c||^2) of the
+// vectors as given, so inputs whose scores are exact in fp32 (small integers) tie exactly as the
+// reference's do (residual_vq wants that; the screens stay exact either way, only less tight far from
+// the origin).
 class Fp32Search {
  public:
   struct Scratch;
-  Fp32Search(const at::Tensor& codebook, int64_t metric);  // codebook (K, D) float32, contiguous
+  Fp32Search(const at::Tensor& codebook, int64_t metric, bool centre = true);  // codebook (K, D) float32, contiguous
   ~Fp32Search();
   std::unique_ptr<Scratch, void (*)(Scratch*)> scratch() const;
   // nr <= kSearchBlockRows rows of D floats, row r at x + r * ldx. Writes idx[r] and dist[r].
