@@ -270,7 +270,7 @@ def test_from_llamagen_refuses(tmp_path):
         GPT.from_llamagen({**sd, "cls_embedding.cap_proj.fc1.weight": torch.zeros(1)}, args)
     with pytest.raises(ValueError, match="unknown LlamaGen model 'GPT-Q'"):
         GPT.from_llamagen(sd, "GPT-Q")
-    with pytest.raises(ValueError, match="unknown LlamaGen ModelArgs field.*n_embd"):
+    with pytest.raises(ValueError, match="unknown LlamaGen model ModelArgs field.*n_embd"):
         GPT.from_llamagen(sd, args, n_embd=16)
     with pytest.raises(ConfigError, match="num_classes must be"):
         GPT.from_llamagen(sd, dict(args, num_classes="ten"))

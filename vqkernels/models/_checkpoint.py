@@ -8,6 +8,8 @@
 - :func:`atomic_path` / :func:`atomic_write` / :func:`save_safetensors_atomic` / :func:`usual_mode`: from
   :mod:`vqkernels._io` (write through a temporary file, then ``os.replace``); :func:`load_safetensors_into`
   loads a module's weights (strict).
+- :func:`peer_model_args`: a peer's model arguments (LlamaGen's ``ModelArgs``) from a model name, a mapping or a
+  dataclass, plus overrides, unknown fields refused, unset ones at the peer's defaults.
 - :class:`PretrainedMixin`: ``save_pretrained(dir)`` / ``from_pretrained(dir_or_repo)`` as
   ``config.json`` + ``model.safetensors`` (huggingface_hub's ``PyTorchModelHubMixin``), for a model whose
   constructor takes one dataclass ``config``. Both files are written atomically; loading is strict.
@@ -255,6 +257,32 @@ class PretrainedMixin(_HubMixin):
     @classmethod
     def _from_pretrained(cls, *, model_id, map_location="cpu", **kwargs):  # the mixin's hook, for completeness
         return cls.from_pretrained(model_id, map_location=map_location)
+
+
+def peer_model_args(config, overrides: Mapping, *, named: Mapping[str, Mapping], fields: Mapping, what: str,
+                    also: str = "") -> dict:
+    """A peer's model arguments: ``config`` is a name of ``named`` (name -> fields), a mapping of fields or a
+    dataclass instance; ``overrides`` win over it; fields not in ``fields`` (name -> the peer's default) are
+    refused; unset ones take the defaults. ``what`` names the peer's models in errors ("LlamaGen tokenizer");
+    ``also``: what else the caller accepts, for the type error (", or a VQGANConfig")."""
+    if isinstance(config, str):
+        if config not in named:
+            raise ValueError(f"config: unknown {what} {config!r}; expected one of {', '.join(named)} or a dict of its "
+                             f"ModelArgs fields")
+        args = dict(named[config])
+    elif dataclasses.is_dataclass(config) and not isinstance(config, type):
+        args = dataclasses.asdict(config)
+    elif isinstance(config, Mapping):
+        args = dict(config)
+    else:
+        raise TypeError(f"config: expected a {what} name or a dict of its ModelArgs fields{also}, got "
+                        f"{type(config).__name__}")
+    args.update(overrides)
+    unknown = sorted(set(args) - set(fields))
+    if unknown:
+        raise ValueError(f"config: unknown {what} ModelArgs field(s) {', '.join(unknown)}; the fields are "
+                         f"{', '.join(fields)}")
+    return {**fields, **args}
 
 
 def to_jsonable(obj: Any) -> Any:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from .._config import Config
 from ..nn.attention import CausalSelfAttention, KVCache, Linear, RotaryCausalSelfAttention, inference_weights
 from ..nn.rope import RMSNorm, compute_dtype, rope_table_1d, rope_table_2d
-from ._checkpoint import CheckpointError, check_state_dict, load_torch_checkpoint
+from ._checkpoint import CheckpointError, check_state_dict, load_torch_checkpoint, peer_model_args
 
 __all__ = ["GPTConfig", "GPT", "GenerateStats", "generate_reference", "filter_logits", "sample_next",
            "LLAMAGEN_MODELS", "llamagen_config"]
@@ -213,25 +213,10 @@ def llamagen_config(config: str | Mapping = "GPT-B", **overrides) -> GPTConfig:
     accepted and not kept. The text-conditional models (``model_type='t2i'``, 'GPT-1B/3B/7B') are refused:
     their caption projection is not built here.
     """
-    if isinstance(config, str):
-        if config in _LLAMAGEN_TEXT_MODELS:
-            raise NotImplementedError(f"config: {config!r} is one of LlamaGen's text-conditional (t2i) models; only "
-                                      f"the class-conditional ones are supported: {', '.join(LLAMAGEN_MODELS)}")
-        if config not in LLAMAGEN_MODELS:
-            raise ValueError(f"config: unknown LlamaGen model {config!r}; expected one of "
-                             f"{', '.join(LLAMAGEN_MODELS)} or a dict of ModelArgs fields")
-        args = dict(LLAMAGEN_MODELS[config])
-    elif isinstance(config, Mapping):
-        args = dict(config)
-    else:
-        raise TypeError(f"config: expected a LlamaGen model name or a dict of ModelArgs fields, got "
-                        f"{type(config).__name__}")
-    args.update(overrides)
-    unknown = sorted(set(args) - set(_MODEL_ARGS))
-    if unknown:
-        raise ValueError(f"config: unknown LlamaGen ModelArgs field(s) {', '.join(unknown)}; the fields are "
-                         f"{', '.join(_MODEL_ARGS)}")
-    args = {**_MODEL_ARGS, **args}
+    if isinstance(config, str) and config in _LLAMAGEN_TEXT_MODELS:
+        raise NotImplementedError(f"config: {config!r} is one of LlamaGen's text-conditional (t2i) models; only "
+                                  f"the class-conditional ones are supported: {', '.join(LLAMAGEN_MODELS)}")
+    args = peer_model_args(config, overrides, named=LLAMAGEN_MODELS, fields=_MODEL_ARGS, what="LlamaGen model")
     if args["model_type"] != "c2i":
         raise NotImplementedError(f"config: model_type {args['model_type']!r}: only LlamaGen's class-conditional "
                                   f"models (model_type='c2i') are supported (a t2i model's caption projection is "

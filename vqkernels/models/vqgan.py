@@ -20,7 +20,6 @@ does, so its checkpoints load key for key::
 """
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
@@ -32,7 +31,8 @@ import torch.nn.functional as F
 from .._config import Config
 from ..nn.quantizer import VectorQuantizer
 from ..ops.attention import attention
-from ._checkpoint import PretrainedMixin, check_state_dict, load_torch_checkpoint, load_yaml_config, select_prefix
+from ._checkpoint import (PretrainedMixin, check_state_dict, load_torch_checkpoint, load_yaml_config,
+                          peer_model_args, select_prefix)
 
 __all__ = ["VQGANConfig", "VQModel", "Encoder", "Decoder", "ResnetBlock", "AttnBlock", "codebook_entropy_loss"]
 
@@ -153,24 +153,8 @@ class VQGANConfig(Config):
             if model_args:
                 raise ValueError("VQGANConfig.from_llamagen: overrides are for LlamaGen's ModelArgs, not a VQGANConfig")
             return config
-        if isinstance(config, str):
-            if config not in _LLAMAGEN_MODELS:
-                raise ValueError(f"config: unknown LlamaGen tokenizer {config!r}; the named ones are "
-                                 f"{sorted(_LLAMAGEN_MODELS)} (or pass a dict of its ModelArgs)")
-            args = dict(_LLAMAGEN_MODELS[config])
-        elif dataclasses.is_dataclass(config) and not isinstance(config, type):
-            args = dataclasses.asdict(config)
-        elif isinstance(config, Mapping):
-            args = dict(config)
-        else:
-            raise TypeError(f"config: expected a LlamaGen tokenizer name, a dict of its ModelArgs or a VQGANConfig, "
-                            f"got {type(config).__name__}")
-        args.update(model_args)
-        unknown = sorted(set(args) - set(_LLAMAGEN_ARGS))
-        if unknown:
-            raise ValueError(f"config: {unknown} are not fields of LlamaGen's tokenizer ModelArgs "
-                             f"(it has {list(_LLAMAGEN_ARGS)})")
-        a = {**_LLAMAGEN_ARGS, **args}
+        a = peer_model_args(config, model_args, named=_LLAMAGEN_MODELS, fields=_LLAMAGEN_ARGS,
+                            what="LlamaGen tokenizer", also=" or a VQGANConfig")
         enc, dec = tuple(a["encoder_ch_mult"]), tuple(a["decoder_ch_mult"])
         if len(enc) != len(dec):
             raise NotImplementedError(
