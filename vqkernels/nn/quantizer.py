@@ -279,6 +279,18 @@ def _same(a, b) -> bool:
         return False
 
 
+def _refuse_unsupported(cls_name: str, unsupported: dict, defaults: dict, supported) -> None:
+    """A drop-in's check of VQP's options it does not implement: an unknown keyword is a TypeError (as Python's
+    own); a known option at anything but VQP's default (``defaults``) is a NotImplementedError naming it."""
+    for name, value in unsupported.items():
+        if name not in defaults:
+            raise TypeError(f"{cls_name} got an unexpected keyword argument {name!r}")
+        if not _same(value, defaults[name]):
+            raise NotImplementedError(
+                f"vqkernels.{cls_name} does not implement vector-quantize-pytorch's option {name}={value!r} "
+                f"(only its default, {defaults[name]!r}); supported options: " + ", ".join(supported))
+
+
 class _VQCodebook(nn.Module):
     """vector-quantize-pytorch's ``_codebook`` state, under its names: ``initted``, ``cluster_size`` (1, K),
     ``embed_avg`` (1, K, D), ``embed`` (1, K, D) (a Parameter when the codebook is learnable)."""
@@ -327,14 +339,7 @@ class VectorQuantize(nn.Module):
         sync_codebook=None, backend=None, **unsupported,
     ):
         super().__init__()
-        for name, value in unsupported.items():
-            if name not in _UNSUPPORTED_VQ_OPTIONS:
-                raise TypeError(f"VectorQuantize got an unexpected keyword argument {name!r}")
-            if not _same(value, _UNSUPPORTED_VQ_OPTIONS[name]):
-                raise NotImplementedError(
-                    f"vqkernels.VectorQuantize does not implement vector-quantize-pytorch's option {name}={value!r} "
-                    f"(only its default, {_UNSUPPORTED_VQ_OPTIONS[name]!r}); supported options: "
-                    + ", ".join(SUPPORTED_VQ_OPTIONS))
+        _refuse_unsupported("VectorQuantize", unsupported, _UNSUPPORTED_VQ_OPTIONS, SUPPORTED_VQ_OPTIONS)
         ema_update = True if ema_update is None else bool(ema_update)
         learnable_codebook = False if learnable_codebook is None else bool(learnable_codebook)
         rotation_trick = dim > 1 if rotation_trick is None else bool(rotation_trick)

@@ -20,7 +20,7 @@ import torch.nn as nn
 from ..ops.residual_vq import residual_vq
 from ..ops.code_stats import ema_update_from_stats_
 from . import _distributed as dist_sync
-from .quantizer import _UNSUPPORTED_VQ_OPTIONS, VectorQuantize, _same
+from .quantizer import _UNSUPPORTED_VQ_OPTIONS, VectorQuantize, _refuse_unsupported
 
 __all__ = ["ResidualVQ"]
 
@@ -106,14 +106,7 @@ class ResidualVQ(nn.Module):
         sync_codebook=None, backend=None, **unsupported,
     ):
         super().__init__()
-        for name, value in unsupported.items():
-            if name not in _UNSUPPORTED_RVQ_OPTIONS:
-                raise TypeError(f"ResidualVQ got an unexpected keyword argument {name!r}")
-            if not _same(value, _UNSUPPORTED_RVQ_OPTIONS[name]):
-                raise NotImplementedError(
-                    f"vqkernels.ResidualVQ does not implement vector-quantize-pytorch's option {name}={value!r} "
-                    f"(only its default, {_UNSUPPORTED_RVQ_OPTIONS[name]!r}); supported options: "
-                    + ", ".join(SUPPORTED_RVQ_OPTIONS))
+        _refuse_unsupported("ResidualVQ", unsupported, _UNSUPPORTED_RVQ_OPTIONS, SUPPORTED_RVQ_OPTIONS)
         dim = _positive_int(dim, "dim")
         if isinstance(codebook_size, (tuple, list)):
             sizes = tuple(codebook_size)
