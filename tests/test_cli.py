@@ -161,13 +161,13 @@ def test_reconstruct_tiles_images_larger_than_the_training_size(env, capsys, tmp
     def as_png(t):  # the reconstruction as reconstruct writes it (uint8)
         return ((t.clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
 
-    # by default: overlapping tiles at the training size (32, overlap 8), as vqkernels.tiling gives them
+    # by default: overlapping tiles at the training size (32, overlap 16: half), as vqkernels.tiling gives them
     rc, out, err = run(capsys, "reconstruct", "--checkpoint", env / "vq", "--out", tmp_path / "a", "--device", "cpu",
                        big, small)
     assert rc == 0, err
     expect = reconstruct_tiled(model, x)
     torch.testing.assert_close(written(tmp_path / "a"), as_png(expect), rtol=0, atol=1.01 / 127.5)
-    assert "big.png: PSNR" in out and "dB (70x45, 6 tiles of 32x32, overlap >= 8" in out  # (2 x 3 tiles)
+    assert "big.png: PSNR" in out and "dB (70x45, 8 tiles of 32x32, overlap >= 16" in out  # (2 x 4 tiles)
     assert "small.png: PSNR" in out and "(30x20, whole image)" in out  # one tile or less: whole, as before
     # --tile / --overlap: the tiler's own arguments
     rc, out, err = run(capsys, "reconstruct", "--checkpoint", env / "vq", "--out", tmp_path / "b", "--device", "cpu",

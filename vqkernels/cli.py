@@ -275,7 +275,7 @@ def _vqgan_job(args, ext: str, check=None):
 def _tiling(args, model) -> tuple[int, int] | None:
     """reconstruct's (tile, overlap) from --tile / --overlap / --no-tile (None: whole images), checked against the
     model: the tile a multiple of its downsampling factor, the overlap below the tile. The names and defaults are
-    those of `vqkernels eval --tiled` (the training size, a quarter of the tile)."""
+    those of `vqkernels eval --tiled` (the training size, half the tile)."""
     if args.no_tile:
         given = [n for n, v in (("--tile", args.tile), ("--overlap", args.overlap)) if v is not None]
         if given:
@@ -286,7 +286,9 @@ def _tiling(args, model) -> tuple[int, int] | None:
     if tile % f:
         raise UsageError(f"--tile {tile}: must be a multiple of the model's downsampling factor {f} "
                          f"(its training size is {model.config.resolution})")
-    overlap = tile // 4 if args.overlap is None else args.overlap
+    from .tiling import default_overlap
+
+    overlap = default_overlap(tile) if args.overlap is None else args.overlap
     if overlap >= tile:
         raise UsageError(f"--overlap {overlap}: must be smaller than the tile ({tile})")
     return tile, overlap
@@ -496,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tile side in pixels, a multiple of the downsampling factor (default: the model's training "
                          "size; as vqkernels eval --tiled)")
     pr.add_argument("--overlap", type=_number(int, "nonneg"), default=None, metavar="N",
-                    help="least overlap of neighbouring tiles in pixels (default: a quarter of the tile)")
+                    help="least overlap of neighbouring tiles in pixels (default: half the tile)")
     pr.add_argument("--no-tile", dest="no_tile", action="store_true",
                     help="reconstruct each image whole, in one pass, whatever its size")
     vqgan_files_command("encode", "images -> code indices (<name>.npy, an (h, w) int64 array)", _cmd_encode,

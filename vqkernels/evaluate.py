@@ -367,7 +367,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--tiled", action="store_true",
                         help="reconstruct through overlapping tiles at the model's training size")
     parser.add_argument("--tile", type=int, default=None, help="tile side (implies --tiled; default: the training size)")
-    parser.add_argument("--overlap", type=int, default=None, help="least tile overlap (implies --tiled; default tile/4)")
+    parser.add_argument("--overlap", type=int, default=None, help="least tile overlap (implies --tiled; default tile/2)")
     parser.add_argument("--no-lpips", action="store_true", help="skip LPIPS")
     parser.add_argument("--no-fid", action="store_true", help="skip rFID")
     parser.add_argument("--progress", action="store_true", help="a progress bar on stderr")

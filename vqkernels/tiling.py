@@ -24,7 +24,15 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["reconstruct_tiled", "tile_starts", "tile_weights", "reflect_pad"]
+__all__ = ["reconstruct_tiled", "tile_starts", "tile_weights", "reflect_pad", "default_overlap"]
+
+
+def default_overlap(tile: int) -> int:
+    """The overlap when none is asked: half the tile. Every pixel is then decoded mostly from tiles in which it
+    lies away from the edge (a decoder is at its worst at a tile's zero-padded border), and the blend spreads a
+    tile's small level differences over half a tile. On the demo's VQGAN (tile 32), against a quarter tile: 0.04
+    to 0.55 dB more on whole photographs it never saw, no visible grid in flat skies, for about 2x the tiles."""
+    return tile // 2
 
 
 def reflect_pad(x: torch.Tensor, pad_h: int, pad_w: int) -> torch.Tensor:
@@ -105,7 +113,8 @@ def reconstruct_tiled(model, image: torch.Tensor, *, tile: int | None = None, ov
         ``downsample_factor`` and ``config.resolution``).
     image: (C, H, W) or (B, C, H, W) in [-1, 1], any H, W >= 1.
     tile: the tile's side (default ``model.config.resolution``), a positive multiple of the downsampling factor.
-    overlap: the least overlap of neighbouring tiles in pixels, 0 <= overlap < tile (default tile // 4).
+    overlap: the least overlap of neighbouring tiles in pixels, 0 <= overlap < tile (default
+        :func:`default_overlap`, half the tile).
     batch_size: tiles per encode/decode call.
     Returns the reconstruction, shaped as ``image`` (float32 on the image's device), and with ``return_indices``
     also the codes of every tile, (n_tiles, tile/f, tile/f) int64 (tiles of every image, image-major).
@@ -117,7 +126,7 @@ def reconstruct_tiled(model, image: torch.Tensor, *, tile: int | None = None, ov
     tile = _model_tile(model) if tile is None else tile
     if not isinstance(tile, int) or tile < 1 or tile % f:
         raise ValueError(f"tile: expected a positive multiple of the downsampling factor {f}, got {tile!r}")
-    overlap = tile // 4 if overlap is None else overlap
+    overlap = default_overlap(tile) if overlap is None else overlap
     if not isinstance(overlap, int) or not 0 <= overlap < tile:
         raise ValueError(f"overlap: expected an integer in [0, tile={tile}), got {overlap!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
