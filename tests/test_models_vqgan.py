@@ -227,6 +227,29 @@ def test_config_errors():
         VQGANConfig(double_z=True)
 
 
+def test_norm_groups():
+    # every GroupNorm of encoder, decoder and mid blocks takes norm_groups; the parameters (and so the state_dict
+    # keys and shapes) are those of the default 32 groups, and the forward differs from it
+    small = dict(SMALL_DD, ch=32, ch_mult=[1, 2], attn_resolutions=[32], n_embed=64, embed_dim=8, resolution=32)
+    torch.manual_seed(0)
+    a = VQModel(VQGANConfig.from_dict(small)).eval()
+    b = VQModel(VQGANConfig.from_dict(dict(small, norm_groups=8))).eval()
+    norms = [m for m in b.modules() if isinstance(m, nn.GroupNorm)]
+    assert len(norms) == sum(isinstance(m, nn.GroupNorm) for m in a.modules()) > 8
+    assert {m.num_groups for m in norms} == {8}
+    assert {m.num_groups for m in a.modules() if isinstance(m, nn.GroupNorm)} == {32}
+    b.load_state_dict(a.state_dict())
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert not torch.allclose(a(x)[0], b(x)[0])
+    assert VQGANConfig.from_dict(dict(small, norm_groups=8)).to_dict()["norm_groups"] == 8
+    for bad in (0, -1, 2.5, True, "8"):
+        with pytest.raises(ValueError, match="norm_groups must be"):
+            VQGANConfig.from_dict(dict(small, norm_groups=bad))
+    with pytest.raises(ValueError, match=r"multiple of norm_groups \(24"):
+        VQGANConfig.from_dict(dict(small, norm_groups=24))
+
+
 def test_bad_images():
     model = VQModel(VQGANConfig.from_taming({"embed_dim": 64, "n_embed": 512, "ddconfig": SMALL_DD})).eval()
     with pytest.raises(ValueError, match="expected 3 channels"):

@@ -96,6 +96,10 @@ class VQGANConfig(Config):
     layout: Literal["taming", "llamagen"] = "taming"  # the module names, so the state_dict keys are the peer's
     decoder_ch_mult: tuple[int, ...] | None = None  # the decoder's own multipliers (None: ch_mult), same length
     codebook_show_usage: bool = False  # keep LlamaGen's quantize.codebook_used window of the last chosen codes
+    # GroupNorm's groups on every width (taming and LlamaGen: 32). With 32 channels that is one channel a group,
+    # which normalises away each channel's mean over the image: a narrow model (ch 32) then cannot pass a tile's
+    # colour through its codes and guesses it from the texture; fewer groups keep the channels' relative means.
+    norm_groups: int = 32
     entropy_loss_ratio: float = 0.0  # weight of LlamaGen's codebook entropy loss, added to the loss in training
 
     def __post_init__(self):
@@ -122,10 +126,13 @@ class VQGANConfig(Config):
                 raise ValueError(f"VQGANConfig: {name} must be a positive int, got {v!r}")
         if not self.ch_mult or min(self.ch_mult) < 1:
             raise ValueError(f"VQGANConfig: ch_mult must be a non-empty sequence of positive ints, got {self.ch_mult}")
-        for m in (1,) + self.ch_mult + self.decoder_mult:  # GroupNorm(32) on every width
-            if (self.ch * m) % 32:
+        g = self.norm_groups
+        if not isinstance(g, int) or isinstance(g, bool) or g < 1:
+            raise ValueError(f"VQGANConfig: norm_groups must be a positive int, got {g!r}")
+        for m in (1,) + self.ch_mult + self.decoder_mult:  # GroupNorm(norm_groups) on every width
+            if (self.ch * m) % g:
                 raise ValueError(f"VQGANConfig: every width ch * ch_mult (and ch * decoder_ch_mult) must be a multiple "
-                                 f"of 32 (GroupNorm's 32 groups); ch={self.ch}, ch_mult={self.ch_mult}, "
+                                 f"of norm_groups ({g}: GroupNorm's groups); ch={self.ch}, ch_mult={self.ch_mult}, "
                                  f"decoder_ch_mult={self.decoder_ch_mult}")
 
     @property
@@ -213,19 +220,19 @@ class VQGANConfig(Config):
 # ---------------------------------------------------------------------------------------------
 # blocks
 
-def Normalize(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+def Normalize(channels: int, groups: int = 32) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
     """GroupNorm -> swish -> conv3x3, twice, plus the (1x1-projected when widths differ) input."""
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float):
+    def __init__(self, in_channels: int, out_channels: int, dropout: float, groups: int = 32):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.norm1 = Normalize(in_channels)
+        self.norm1 = Normalize(in_channels, groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, 1, 1)
-        self.norm2 = Normalize(out_channels)
+        self.norm2 = Normalize(out_channels, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1)
         if in_channels != out_channels:
@@ -247,10 +254,10 @@ class AttnBlock(nn.Module):
     the channel-last map, which is the same arithmetic without four separate conv calls.
     """
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, groups: int = 32):
         super().__init__()
         self.in_channels = channels
-        self.norm = Normalize(channels)
+        self.norm = Normalize(channels, groups)
         self.q = nn.Conv2d(channels, channels, 1, 1, 0)
         self.k = nn.Conv2d(channels, channels, 1, 1, 0)
         self.v = nn.Conv2d(channels, channels, 1, 1, 0)
@@ -346,11 +353,11 @@ class _Level(nn.Module):
 class _Mid(nn.Module):
     """ResNet block, attention, ResNet block (taming's names)."""
 
-    def __init__(self, channels: int, dropout: float):
+    def __init__(self, channels: int, dropout: float, groups: int = 32):
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, dropout)
-        self.attn_1 = AttnBlock(channels)
-        self.block_2 = ResnetBlock(channels, channels, dropout)
+        self.block_1 = ResnetBlock(channels, channels, dropout, groups)
+        self.attn_1 = AttnBlock(channels, groups)
+        self.block_2 = ResnetBlock(channels, channels, dropout, groups)
 
     def forward(self, h):
         return self.block_2(self.attn_1(self.block_1(h)))
@@ -359,9 +366,9 @@ class _Mid(nn.Module):
 class _MidList(nn.ModuleList):
     """The same three blocks as LlamaGen names them (``mid.0``, ``mid.1``, ``mid.2``)."""
 
-    def __init__(self, channels: int, dropout: float):
-        super().__init__([ResnetBlock(channels, channels, dropout), AttnBlock(channels),
-                          ResnetBlock(channels, channels, dropout)])
+    def __init__(self, channels: int, dropout: float, groups: int = 32):
+        super().__init__([ResnetBlock(channels, channels, dropout, groups), AttnBlock(channels, groups),
+                          ResnetBlock(channels, channels, dropout, groups)])
 
     def forward(self, h):
         for block in self:
@@ -370,7 +377,7 @@ class _MidList(nn.ModuleList):
 
 
 def _mid(cfg: VQGANConfig, channels: int) -> nn.Module:
-    return (_MidList if cfg.layout == "llamagen" else _Mid)(channels, cfg.dropout)
+    return (_MidList if cfg.layout == "llamagen" else _Mid)(channels, cfg.dropout, cfg.norm_groups)
 
 
 class Encoder(nn.Module):
@@ -390,10 +397,10 @@ class Encoder(nn.Module):
             c_in, c_out = ch * in_mult[i], ch * mult
             blocks, attns = [], []
             for _ in range(cfg.num_res_blocks):
-                blocks.append(ResnetBlock(c_in, c_out, cfg.dropout))
+                blocks.append(ResnetBlock(c_in, c_out, cfg.dropout, cfg.norm_groups))
                 c_in = c_out
                 if res in cfg.attn_resolutions:
-                    attns.append(AttnBlock(c_out))
+                    attns.append(AttnBlock(c_out, cfg.norm_groups))
             level = _Level(blocks, attns, "res" if llamagen else "block")
             if i != len(ch_mult) - 1:
                 level.downsample = Downsample(c_out, cfg.resamp_with_conv)
@@ -405,7 +412,7 @@ class Encoder(nn.Module):
             self.down = nn.ModuleList(levels)
         c = ch * ch_mult[-1]
         self.mid = _mid(cfg, c)
-        self.norm_out = Normalize(c)
+        self.norm_out = Normalize(c, cfg.norm_groups)
         self.conv_out = nn.Conv2d(c, cfg.z_channels, 3, 1, 1)
 
     def levels(self) -> nn.ModuleList:
@@ -442,10 +449,10 @@ class Decoder(nn.Module):
             c_out = ch * ch_mult[i]
             blocks, attns = [], []
             for _ in range(cfg.num_res_blocks + 1):
-                blocks.append(ResnetBlock(c, c_out, cfg.dropout))
+                blocks.append(ResnetBlock(c, c_out, cfg.dropout, cfg.norm_groups))
                 c = c_out
                 if res in cfg.attn_resolutions:
-                    attns.append(AttnBlock(c_out))
+                    attns.append(AttnBlock(c_out, cfg.norm_groups))
             level = _Level(blocks, attns, "res" if llamagen else "block")
             if i != 0:
                 level.upsample = Upsample(c_out, cfg.resamp_with_conv)
@@ -455,7 +462,7 @@ class Decoder(nn.Module):
             self.conv_blocks = nn.ModuleList(ups)
         else:
             self.up = nn.ModuleList(ups[::-1])  # up[0] is the finest level, as taming
-        self.norm_out = Normalize(c)
+        self.norm_out = Normalize(c, cfg.norm_groups)
         self.conv_out = nn.Conv2d(c, cfg.out_ch, 3, 1, 1)
 
     def levels(self) -> list[nn.Module]:
