@@ -29,9 +29,14 @@ __all__ = ["run_demo", "run_digits", "digits_figures"]
 
 # What fits ~10 minutes of a 2-core CPU (see the README for a run's numbers): 32x32 crops, f=4 (8x8 codes),
 # no perceptual or adversarial term (they cost more CPU time than they give PSNR here; train-vqgan has them).
+# GroupNorm in 8 groups, not taming's 32: at width 32 that is one channel a group, which normalises away each
+# channel's mean over a tile, and the model then guesses colours from textures instead of coding them (3,000
+# steps, same seed: 26.95 -> 28.93 dB held out, chelsea unseen 24.8 -> 30.3 dB). 2048 codes, not 512: +0.4 dB
+# held out and on every unseen photograph for the same time (dead-code restarts below 0.1 of an EMA hit).
 DEMO_CROP = 32
 DEMO_VQGAN = dict(batch_size=8, lr=1e-3, schedule="cosine", warmup_steps=50, log_every=10, image_every=500,
-                  checkpoint_every=1000, model=dict(SMALL_VQGAN, ch=32, ch_mult=(1, 1, 2), resolution=DEMO_CROP),
+                  checkpoint_every=1000, model=dict(SMALL_VQGAN, ch=32, ch_mult=(1, 1, 2), resolution=DEMO_CROP,
+                                                    n_embed=2048, threshold_ema_dead_code=0.1, norm_groups=8),
                   loss=dict(perceptual_weight=0.0, disc_start=10 ** 9, disc_ndf=16, disc_num_layers=2))
 DEMO_GPT = dict(batch_size=32, lr=1e-3, warmup_steps=50, schedule="cosine", log_every=10, image_every=500,
                 checkpoint_every=1000, model=dict(n_layer=4, n_head=4, n_embd=192))
