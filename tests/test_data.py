@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from vqkernels.data import (COLOR_HUE, COLOR_SATURATION, CropsOfImages, DataError, ImageFolder, SeededBatches,
-                            color_jitter, embedded_dataset, from_image, grid_crops, list_images, open_dataset,
-                            random_color, random_crop, to_image)
+from vqkernels.data import (COLOR_HUE, COLOR_SATURATION, TINT_P, TINT_SATURATION, CropsOfImages, DataError,
+                            ImageFolder, SeededBatches, color_jitter, embedded_dataset, from_image, grid_crops, is_grey,
+                            list_images, open_dataset, random_color, random_crop, tint, to_image)
 
 PIL = pytest.importorskip("PIL.Image")
 
@@ -253,6 +253,68 @@ def test_color_augment_is_seeded_and_keeps_the_crop():
                 for s in range(8)}) == 8
 
 
+def _luma(x):
+    return 0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]
+
+
+def test_tint_keeps_brightness_and_gives_the_hue():
+    import colorsys
+
+    g = torch.Generator().manual_seed(5)
+    grey = (torch.rand(1, 12, 14, generator=g, dtype=torch.float64) * 1.2 - 1).expand(3, -1, -1).clone()  # darkish
+    for hue, sat in [(0.0, 0.5), (0.33, 0.75), (0.5, 0.3), (0.9, 0.15)]:
+        out = tint(grey, hue, sat)
+        assert out.shape == grey.shape and out.dtype == grey.dtype and out.abs().max() <= 1
+        assert not is_grey(out)
+        unclipped = (out.abs() < 1).all(0)  # where no channel was clipped, the brightness is the grey's
+        assert unclipped.float().mean() > 0.5
+        torch.testing.assert_close(_luma((out + 1) / 2)[unclipped], ((grey[0] + 1) / 2)[unclipped], rtol=0, atol=1e-12)
+        # the colour of the brightest unclipped pixel is (hue, sat)
+        px = ((out + 1) / 2).reshape(3, -1)[:, unclipped.reshape(-1)]
+        h, s_, _ = colorsys.rgb_to_hsv(*px[:, px.sum(0).argmax()].tolist())
+        assert abs(h - hue) < 1e-9 or abs(abs(h - hue) - 1) < 1e-9
+        assert abs(s_ - sat) < 1e-9
+    torch.testing.assert_close(tint(grey, 0.2, 0.0), grey, rtol=0, atol=1e-12)  # no saturation: grey stays grey
+    with pytest.raises(ValueError, match="hue"):
+        tint(grey, 1.0, 0.5)
+    with pytest.raises(ValueError, match="saturation"):
+        tint(grey, 0.5, 1.5)
+
+
+def test_tint_grey_tints_only_grey_crops_seeded():
+    grey = _colourful(40, 44, seed=3).mean(0, keepdim=True).expand(3, -1, -1).contiguous()
+    colour = _colourful(40, 44, seed=4)
+    assert is_grey(grey) and not is_grey(colour)
+    for s in range(20):  # a colour crop is never changed, and the crop and flip are those without tinting
+        assert torch.equal(random_crop(colour, 16, s, tint_grey=True), random_crop(colour, 16, s))
+        assert torch.equal(random_crop(colour, 16, s, color_augment=True, tint_grey=True),
+                           random_crop(colour, 16, s, color_augment=True))
+    crops = [random_crop(grey, 16, s, tint_grey=True) for s in range(400)]
+    plain = [random_crop(grey, 16, s) for s in range(400)]
+    tinted = [not is_grey(c) for c in crops]
+    assert abs(sum(tinted) / 400 - TINT_P) < 0.07  # about TINT_P of the grey crops
+    for c, p, t in zip(crops, plain, tinted):
+        if not t:
+            assert torch.equal(c, p)
+        else:  # the same square, tinted: its brightness kept where not clipped
+            ok = (c.abs() < 1).all(0)
+            torch.testing.assert_close(_luma(c)[ok], p[0][ok], rtol=0, atol=1e-5)
+    sats = []
+    for c in [c for c, t in zip(crops, tinted) if t]:
+        rgb = (c + 1) / 2
+        mx, mn = rgb.amax(0), rgb.amin(0)
+        ok = (c.abs() < 1).all(0) & (mx > 0.05)
+        sats.append(((mx - mn) / mx)[ok].median().item())
+    assert TINT_SATURATION[0] - 0.01 <= min(sats) < TINT_SATURATION[0] + 0.1
+    assert TINT_SATURATION[1] - 0.1 < max(sats) <= TINT_SATURATION[1] + 0.01
+    assert torch.equal(random_crop(grey, 16, 7, tint_grey=True), random_crop(grey, 16, 7, tint_grey=True))
+    train = embedded_dataset(16, tint_grey=True).train
+    assert train.tint_grey and not embedded_dataset(16).train.tint_grey
+    names = list(train.names)
+    i = train.owner.index(names.index("brick"))  # a grey photograph: some of its crops come out coloured
+    assert any(not is_grey(train[(i, s)]) for s in range(10))
+
+
 def test_color_augment_off_by_default_and_on_the_datasets(tmp_path):
     _write_images(tmp_path, np.random.default_rng(3))
     off, on = ImageFolder(tmp_path, crop_size=16), ImageFolder(tmp_path, crop_size=16, color_augment=True)
@@ -281,3 +343,6 @@ def test_color_augment_config_flag_and_demo():
     args = cli.build_parser().parse_args(["train-vqgan", "--color-augment"])
     assert args.color_augment is True
     assert cli.build_parser().parse_args(["train-vqgan"]).color_augment is None  # (left to the YAML / default)
+    assert VQGANTrainConfig().tint_grey is False and not hasattr(GPTTrainConfig(), "tint_grey")
+    assert DEMO_VQGAN["tint_grey"] is True  # on in the demo (README: flower's greens)
+    assert cli.build_parser().parse_args(["train-vqgan", "--tint-grey"]).tint_grey is True

@@ -5,7 +5,8 @@
   Each item is one random crop of one image: optionally the short side is resized to ``resize`` first;
   an image whose short side is smaller than the crop is **resized up** so that its short side equals the
   crop (never skipped); then a random ``crop_size`` square and a random horizontal flip; optionally
-  (``color_augment``) a random colour change (:func:`color_jitter`: channel order, saturation, hue).
+  (``color_augment``) a random colour change (:func:`color_jitter`: channel order, saturation, hue); optionally
+  (``tint_grey``) a random tint of a grey crop (:func:`tint`: a hue and saturation, its brightness kept).
   Unreadable or corrupt files are skipped with one warning that counts them; a folder with no readable
   image is an error (:class:`DataError`).
 - :func:`load_image` / :func:`save_image` / :func:`save_grid`: one image file in, one out (atomically), a grid.
@@ -154,6 +155,38 @@ def color_jitter(img: torch.Tensor, hue: float = 0.0, saturation: float = 1.0, o
     return (x * 2 - 1).clamp_(-1, 1).contiguous()
 
 
+# Tinting grey crops (tint_grey=True): half of the embedded training photographs are grey (brick, grass, gravel,
+# the moon, ...), and the colour ones have almost no green, so a model trained on them turned a photograph's
+# teal-green leaves blue. A grey crop is, with probability TINT_P, given one random hue (uniform on the colour
+# circle) at a saturation uniform in TINT_SATURATION, its brightness (Rec. 601 luma) kept: textures in every colour,
+# while the colour photographs keep their own colours (recolouring those instead, color_augment, cost more than it
+# gave at the demo's budget: see above). Measured: the README's table of the demo's VQGAN.
+TINT_P = 0.75
+TINT_SATURATION = (0.15, 0.75)
+_LUMA = (0.299, 0.587, 0.114)
+
+
+def tint(img: torch.Tensor, hue: float, saturation: float) -> torch.Tensor:
+    """(3, H, W) grey image in [-1, 1] -> the same brightness in one colour: each pixel of brightness y becomes
+    ``y * c / luma(c)``, c the colour of ``hue`` (turns, in [0, 1)) and ``saturation`` (in [0, 1]) at full value,
+    so that its luma stays y (clipped to [-1, 1] where the colour cannot be that bright). Saturation 0: the identity
+    on a grey image."""
+    import colorsys
+
+    if not 0.0 <= hue < 1.0:
+        raise ValueError(f"hue: expected turns in [0, 1), got {hue!r}")
+    if not 0.0 <= saturation <= 1.0:
+        raise ValueError(f"saturation: expected a value in [0, 1], got {saturation!r}")
+    c = torch.tensor(colorsys.hsv_to_rgb(hue, saturation, 1.0), dtype=img.dtype, device=img.device)
+    c = c / sum(w * v for w, v in zip(_LUMA, c))
+    return (((img + 1) * 0.5) * c[:, None, None] * 2 - 1).clamp_(-1, 1).contiguous()
+
+
+def is_grey(img: torch.Tensor, tol: float = 1e-3) -> bool:
+    """Whether the three channels of (3, H, W) ``img`` agree to within ``tol`` everywhere (a grey image)."""
+    return bool((img[0] - img[1]).abs().max() <= tol and (img[1] - img[2]).abs().max() <= tol)
+
+
 def random_color(g: torch.Generator) -> tuple[float, float, tuple]:
     """(hue, saturation, order) of one crop's colour augmentation, drawn from ``g`` (always the same draws)."""
     order = tuple(torch.randperm(3, generator=g).tolist())
@@ -163,10 +196,11 @@ def random_color(g: torch.Generator) -> tuple[float, float, tuple]:
 
 
 def random_crop(img: torch.Tensor, crop_size: int, seed: int, flip: bool = True,
-                color_augment: bool = False) -> torch.Tensor:
+                color_augment: bool = False, tint_grey: bool = False) -> torch.Tensor:
     """A random ``crop_size`` square of (3, H, W) ``img`` and a random horizontal flip, drawn from ``seed``; with
     ``color_augment`` also a random colour change (:func:`random_color`, drawn after the crop and flip, so the
-    crop and flip are those of ``color_augment=False``).
+    crop and flip are those of ``color_augment=False``); with ``tint_grey``, a grey crop is tinted (:func:`tint`)
+    with probability TINT_P (drawn last: the crop, flip and colour change are those without it).
 
     An image whose short side is below ``crop_size`` is resized up first (short side = crop_size)."""
     from torchvision.transforms import functional as TF
@@ -183,6 +217,11 @@ def random_crop(img: torch.Tensor, crop_size: int, seed: int, flip: bool = True,
     if color_augment:
         hue, sat, order = random_color(g)
         out = color_jitter(out, hue, sat, order)
+    if tint_grey:
+        u = torch.rand(3, generator=g, dtype=torch.float64).tolist()
+        if u[0] < TINT_P and is_grey(out):
+            lo, hi = TINT_SATURATION
+            out = tint(out, u[1], lo + (hi - lo) * u[2])
     return out.contiguous()
 
 
@@ -233,17 +272,18 @@ def index_default_seed(index: int) -> int:
 class ImageFolder(_SeededItems):
     """Random crops of every image under ``root`` (see module doc). ``resize``: short side before cropping
     (None: keep the size; images smaller than the crop are always resized up). ``flip``: random
-    horizontal flips. ``color_augment``: random colours (:func:`random_crop`). ``preload``: decode every image
+    horizontal flips. ``color_augment``: random colours, ``tint_grey``: random tints of grey crops
+    (:func:`random_crop`). ``preload``: decode every image
     once and keep it in memory (small folders)."""
 
     def __init__(self, root, crop_size: int = 64, resize: int | None = None, flip: bool = True, preload: bool = False,
-                 color_augment: bool = False):
+                 color_augment: bool = False, tint_grey: bool = False):
         from PIL import Image, UnidentifiedImageError
 
         if crop_size < 1:
             raise DataError(f"crop_size must be a positive integer, got {crop_size}")
         self.root, self.crop_size, self.resize, self.flip = Path(root), int(crop_size), resize, flip
-        self.color_augment = bool(color_augment)
+        self.color_augment, self.tint_grey = bool(color_augment), bool(tint_grey)
         files, bad = [], []
         for p in list_images(root):
             try:  # header + structure check; decoding errors found later are handled in get()
@@ -298,18 +338,18 @@ class ImageFolder(_SeededItems):
                 self._late_bad.add(i)
                 warnings.warn(f"skipping an image that cannot be decoded: {e}", stacklevel=2)
                 continue
-            return random_crop(img, self.crop_size, seed, self.flip, self.color_augment)
+            return random_crop(img, self.crop_size, seed, self.flip, self.color_augment, self.tint_grey)
         raise DataError(f"no image under {self.root} could be decoded")
 
 
 class CropsOfImages(_SeededItems):
     """Random crops of in-memory images: image ``i`` appears ``max(1, area // crop^2)`` times an epoch, so
-    an epoch covers each image about once. ``flip`` / ``color_augment``: as :func:`random_crop`."""
+    an epoch covers each image about once. ``flip`` / ``color_augment`` / ``tint_grey``: as :func:`random_crop`."""
 
     def __init__(self, images: list[torch.Tensor], crop_size: int, flip: bool = True, names=None,
-                 color_augment: bool = False):
+                 color_augment: bool = False, tint_grey: bool = False):
         self.images, self.crop_size, self.flip = images, int(crop_size), flip
-        self.color_augment = bool(color_augment)
+        self.color_augment, self.tint_grey = bool(color_augment), bool(tint_grey)
         self.names = list(names) if names is not None else [str(i) for i in range(len(images))]
         self.classes = self.names  # the class of a crop is the image it comes from
         self.owner = []
@@ -321,7 +361,8 @@ class CropsOfImages(_SeededItems):
         return len(self.owner)
 
     def get(self, index: int, seed: int) -> torch.Tensor:
-        return random_crop(self.images[self.owner[index]], self.crop_size, seed, self.flip, self.color_augment)
+        return random_crop(self.images[self.owner[index]], self.crop_size, seed, self.flip, self.color_augment,
+                           self.tint_grey)
 
     def label(self, index: int) -> int:
         return self.owner[index]
@@ -367,35 +408,37 @@ def embedded_images(short_side: int = EMBEDDED_SHORT_SIDE) -> dict[str, torch.Te
 
 
 def embedded_dataset(crop_size: int = 64, short_side: int = EMBEDDED_SHORT_SIDE, held_out=EMBEDDED_HELD_OUT,
-                     flip: bool = True, color_augment: bool = False) -> EmbeddedSplit:
-    """The embedded default: training crops of the training images (``color_augment``: random colours), a fixed
-    grid of crops of the held-out ones (never augmented)."""
+                     flip: bool = True, color_augment: bool = False, tint_grey: bool = False) -> EmbeddedSplit:
+    """The embedded default: training crops of the training images (``color_augment``: random colours,
+    ``tint_grey``: random tints of the grey ones), a fixed grid of crops of the held-out ones (never augmented)."""
     imgs = embedded_images(short_side)
     unknown = [n for n in held_out if n not in imgs]
     if unknown:
         raise DataError(f"unknown held-out image(s) {unknown}; the embedded images are {list(imgs)}")
     train_names = tuple(n for n in imgs if n not in held_out)
     train = CropsOfImages([imgs[n] for n in train_names], crop_size, flip, names=train_names,
-                          color_augment=color_augment)
+                          color_augment=color_augment, tint_grey=tint_grey)
     held = FixedCrops([c for n in held_out for c in grid_crops(imgs[n], crop_size)])
     return EmbeddedSplit(train, held, train_names, tuple(held_out))
 
 
 def open_dataset(source: str, crop_size: int, resize: int | None = None, flip: bool = True,
-                 color_augment: bool = False):
+                 color_augment: bool = False, tint_grey: bool = False):
     """``"embedded"`` -> (training crops, held-out crops); ``"digits"`` -> (training digits, held-out digits),
     scikit-learn's handwritten digits enlarged to crop_size (:mod:`vqkernels.digits`, labelled by digit);
     a folder -> (ImageFolder, None). ``color_augment``: random colours of the training crops of photographs (the
-    grey digits have none to change: ignored there)."""
+    grey digits have none to change: ignored there); ``tint_grey``: random tints of grey crops of photographs
+    (not of the digits either)."""
     if str(source) == "digits":
         from .digits import digits_split
 
         split = digits_split(int(crop_size))
         return split.train, split.held_out
     if str(source) == "embedded":
-        split = embedded_dataset(crop_size, flip=flip, color_augment=color_augment)
+        split = embedded_dataset(crop_size, flip=flip, color_augment=color_augment, tint_grey=tint_grey)
         return split.train, split.held_out
-    return ImageFolder(source, crop_size, resize=resize, flip=flip, preload=False, color_augment=color_augment), None
+    return ImageFolder(source, crop_size, resize=resize, flip=flip, preload=False, color_augment=color_augment,
+                       tint_grey=tint_grey), None
 
 
 class SeededBatches:

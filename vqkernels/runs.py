@@ -150,6 +150,9 @@ class VQGANTrainConfig(TrainConfig):
     color_augment: bool = _field(False, "random colours of the training crops (channel order, saturation, hue; "
                                  "vqkernels.data.color_jitter), so that the model does not learn the palette of "
                                  "few photographs")
+    tint_grey: bool = _field(False, "random tints of grey training crops (a hue and saturation, their brightness "
+                             "kept; vqkernels.data.tint), so that a model trained on grey textures and few colour "
+                             "photographs sees textures in every colour")
 
     kind: ClassVar[str] = "vqgan"
 

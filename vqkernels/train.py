@@ -489,7 +489,8 @@ def _open_data(cfg: TrainConfig):
     """(training set, held-out set or None) of the config's data, as vqkernels.data opens it."""
     try:
         return open_dataset(cfg.data, cfg.crop_size, cfg.resize,
-                            color_augment=bool(getattr(cfg, "color_augment", False)))  # (a VQGAN's only)
+                            color_augment=bool(getattr(cfg, "color_augment", False)),  # (a VQGAN's only)
+                            tint_grey=bool(getattr(cfg, "tint_grey", False)))
     except DataError as e:
         raise TrainError(str(e)) from None
 
