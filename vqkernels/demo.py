@@ -40,8 +40,9 @@ __all__ = ["run_demo", "run_digits", "digits_figures"]
 # photographs instead (color_augment, hue on every crop) lost their colours at this budget (coffee 13.7 dB).
 DEMO_CROP = 32
 DEMO_VQGAN = dict(batch_size=8, lr=1e-3, schedule="cosine", warmup_steps=50, log_every=10, image_every=500,
-                  checkpoint_every=1000, tint_grey=True, model=dict(SMALL_VQGAN, ch=32, ch_mult=(1, 1, 2), resolution=DEMO_CROP,
-                                                    n_embed=2048, threshold_ema_dead_code=0.1, norm_groups=8),
+                  checkpoint_every=1000, tint_grey=True,
+                  model=dict(SMALL_VQGAN, ch=32, ch_mult=(1, 1, 2), resolution=DEMO_CROP,
+                             n_embed=2048, threshold_ema_dead_code=0.1, norm_groups=8),
                   loss=dict(perceptual_weight=0.0, disc_start=10 ** 9, disc_ndf=16, disc_num_layers=2))
 DEMO_GPT = dict(batch_size=32, lr=1e-3, warmup_steps=50, schedule="cosine", log_every=10, image_every=500,
                 checkpoint_every=1000, model=dict(n_layer=4, n_head=4, n_embd=192))
